@@ -1,0 +1,105 @@
+"""The merge-method contracts.
+
+A *training-free* method is a pure function on state dicts::
+
+    merge(pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> dict
+
+(task → expert state dict, keys = the backbone's parameter names). It never mutates its
+inputs, works for any architecture, records the keys it merged in ``merged_keys``, and treats
+a key it cannot merge as an error. Experts may be lazy (:class:`~mergelab.pool.LazyStateDict`):
+methods stream over keys so that peak memory holds one parameter per expert, not N models.
+
+An *adaptive* method (AdaMerging) learns on unlabeled data; it implements
+``fit(pool, ctx) -> dict`` instead and is run by the pipeline with the pool and run context.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from mergelab.errors import CheckpointError, ConfigError
+
+StateDict = dict[str, Tensor]
+
+
+class MergeMethod(ABC):
+    """Base for training-free merges. Subclasses implement :meth:`merge_key` (one parameter)
+    or override :meth:`merge` when the method needs a global pass (e.g. TIES' global trim)."""
+
+    name: str = "merge"
+
+    def __init__(self) -> None:
+        self.merged_keys: list[str] = []
+
+    def merge(self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> StateDict:
+        out: StateDict = {}
+        self.merged_keys = []
+        for key, base, vals in iter_params(pretrained, experts):
+            if base.is_floating_point():
+                out[key] = self.merge_key(key, base, vals).to(base.dtype)
+                self.merged_keys.append(key)
+            else:
+                out[key] = base.clone()
+        return out
+
+    def merge_key(self, key: str, base: Tensor, experts: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "merged_keys")
+        return f"{type(self).__name__}({args})"
+
+
+class AdaptiveMerge(ABC):
+    """Base for merges that learn on unlabeled test data (AdaMerging)."""
+
+    name: str = "adaptive"
+
+    @abstractmethod
+    def fit(self, pool, ctx) -> StateDict:
+        """Return merged weights for ``pool`` using the run context's Trainer settings."""
+
+
+def check_experts(pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> None:
+    if len(experts) == 0:
+        raise ConfigError("merge needs at least one expert, got none")
+    keys = set(pretrained.keys())
+    for task, sd in experts.items():
+        got = set(sd.keys())
+        if got != keys:
+            missing = sorted(keys - got)
+            extra = sorted(got - keys)
+            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
+            raise CheckpointError(f"expert {task!r} does not match the pretrained model: {what}")
+
+
+def iter_params(
+    pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
+) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
+    """Yield ``(key, θ0[key], [θt[key] for t])`` one key at a time (streams lazy experts).
+
+    Shapes must agree; non-float tensors (integer buffers) must be identical across models,
+    since no arithmetic merge of them is meaningful.
+    """
+    check_experts(pretrained, experts)
+    for key in pretrained.keys():
+        base = pretrained[key]
+        vals = [sd[key] for sd in experts.values()]
+        for task, v in zip(experts.keys(), vals):
+            if v.shape != base.shape:
+                raise CheckpointError(
+                    f"expert {task!r}: key {key!r} has shape {tuple(v.shape)}, "
+                    f"pretrained has {tuple(base.shape)}"
+                )
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CheckpointError(f"expert {task!r}: key {key!r} holds non-finite values")
+            if not base.is_floating_point() and not torch.equal(v, base):
+                raise CheckpointError(
+                    f"expert {task!r}: non-float key {key!r} differs from pretrained; "
+                    "it cannot be merged arithmetically"
+                )
+        yield key, base, vals

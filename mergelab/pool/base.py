@@ -1,0 +1,73 @@
+"""The model pool (θ0, experts θt, frozen heads, per-task data) and the multi-task model
+that routes each batch through its task's head (and, after surgery, its task's modules)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from mergelab.pool.state import load_into
+
+
+@dataclass
+class ModelPool:
+    """Everything a merge run needs.
+
+    - ``encoder_factory()`` builds a fresh image encoder (architecture only); images
+      ``(B, 3, H, W)`` → features ``(B, d)``. Its ``state_dict()`` keys are the keys merges see.
+    - ``pretrained``: θ0 as a (possibly lazy) state dict.
+    - ``experts``: task → (possibly lazy) state dict θt; read when indexed.
+    - ``heads``: task → frozen head, features → logits.
+    - ``test_sets``: task → labelled test split; used unlabeled for adaptation (as in the
+      papers) and labelled for evaluation. Items are ``(image, label)``.
+    """
+
+    family: str
+    backbone: str
+    tasks: list[str]
+    encoder_factory: Callable[[], nn.Module]
+    pretrained: Mapping[str, Tensor]
+    experts: Mapping[str, Mapping[str, Tensor]]
+    heads: dict[str, nn.Module]
+    test_sets: dict[str, Dataset]
+    meta: dict = field(default_factory=dict)
+
+    def encoder(self, state: Mapping[str, Tensor] | None = None, what: str = "state") -> nn.Module:
+        """A fresh encoder, strictly loaded with ``state`` (keys/shapes/finiteness checked)."""
+        enc = self.encoder_factory()
+        if state is not None:
+            load_into(enc, state, what)
+        return enc.eval()
+
+    def expert_encoder(self, task: str) -> nn.Module:
+        return self.encoder(self.experts[task], f"expert {task!r}")
+
+    def pretrained_encoder(self) -> nn.Module:
+        return self.encoder(self.pretrained, "pretrained")
+
+
+class MultiTaskModel(nn.Module):
+    """A shared encoder plus one frozen head per task: ``forward(x, task) -> logits``.
+
+    Surgery kinds subclass this and override :meth:`features` to route the batch through the
+    task's own modules; evaluation only ever calls ``forward(x, task)``.
+    """
+
+    def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module]):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(dict(heads))
+        self.heads.requires_grad_(False)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def features(self, x: Tensor, task: str) -> Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.heads[task](self.features(x, task))

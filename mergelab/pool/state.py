@@ -1,0 +1,127 @@
+"""State-dict I/O: lazy safetensors reading (one tensor at a time, no mmap, so peak memory
+is what the caller holds), atomic writing, and strict loading with a named first mismatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mergelab.errors import CheckpointError
+
+StateDict = dict[str, Tensor]
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class LazyStateDict(Mapping[str, Tensor]):
+    """A read-only state dict backed by a .safetensors file.
+
+    Each ``sd[key]`` reads exactly that tensor's bytes from disk into fresh memory; nothing
+    is cached, so iterating over keys holds one tensor at a time. Used for experts so that
+    merges stream over parameters instead of loading N whole models.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"checkpoint file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self._offset = 8 + n
+        self._header = header
+
+    def __getitem__(self, key: str) -> Tensor:
+        try:
+            info = self._header[key]
+        except KeyError:
+            raise KeyError(f"{key!r} not in {self.path}") from None
+        start, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buf is not None:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset + start)
+                got = f.readinto(memoryview(buf))
+            if got != end - start:
+                raise CheckpointError(f"{self.path} is truncated at tensor {key!r}")
+        return out
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({str(self.path)!r}, {len(self)} tensors)"
+
+
+def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + rename): never a half-written file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_compatible(
+    expected: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str = "checkpoint"
+) -> None:
+    """Raise a CheckpointError naming the first key whose presence or shape differs."""
+    for k, ref in expected.items():
+        if k not in state:
+            raise CheckpointError(f"{what}: missing key {k!r} (expected shape {tuple(ref.shape)})")
+        shape = state.shape(k) if isinstance(state, LazyStateDict) else tuple(state[k].shape)
+        if tuple(shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{what}: key {k!r} has shape {tuple(shape)}, the backbone expects {tuple(ref.shape)}"
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise CheckpointError(f"{what}: unexpected key {extra[0]!r} (not a parameter of the backbone)")
+
+
+def check_finite(state: Mapping[str, Tensor], what: str = "checkpoint") -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{what}: key {k!r} holds non-finite values (NaN or inf)")
+
+
+def load_into(module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint") -> nn.Module:
+    """Strictly load ``state`` into ``module`` after checking keys, shapes and finiteness."""
+    check_compatible(module.state_dict(), state, what)
+    tensors = {k: state[k] for k in state}
+    check_finite(tensors, what)
+    module.load_state_dict(tensors, strict=True)
+    return module
