@@ -1,0 +1,145 @@
+"""Merge benchmark at ViT-B/32 size: 8 synthetic experts (≈88M parameters each, random
+weights, nothing downloaded) merged with task arithmetic and TIES from lazy safetensors files.
+
+Each measurement runs in a fresh subprocess so its peak RSS is its own. Reported next to a
+plain pass that reads every expert's weights once (the I/O floor of any merge):
+wall time, peak RSS, the increase over an idle process, and that increase in units of one
+model's size — TIES must not hold a whole-model copy per expert.
+
+    python -m bench.merge_bench [--experts 8] [--dir .bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VIT_B32 = dict(image_size=224, patch_size=32, width=768, layers=12, head_width=64, mlp_ratio=4.0)
+
+
+def make_checkpoints(root: Path, n_experts: int, seed: int = 0) -> dict:
+    import torch
+
+    from mergelab.pool.state import save_state_dict
+    from mergelab.pool.vit import build_openclip_vision
+
+    root.mkdir(parents=True, exist_ok=True)
+    meta_path = root / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["n_experts"] == n_experts:
+            return meta
+    torch.manual_seed(seed)
+    theta0 = build_openclip_vision(512, **VIT_B32).state_dict()
+    n_params = sum(v.numel() for v in theta0.values())
+    save_state_dict(theta0, root / "pretrained.safetensors")
+    for i in range(n_experts):
+        g = torch.Generator().manual_seed(seed + 1 + i)
+        save_state_dict(
+            {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in theta0.items()},
+            root / f"expert_{i}.safetensors",
+        )
+    meta = {"n_experts": n_experts, "n_params": n_params, "bytes": 4 * n_params}
+    meta_path.write_text(json.dumps(meta))
+    return meta
+
+
+def _child(mode: str, root: str, n_experts: int) -> None:
+    """Runs inside the measured subprocess; prints one json line."""
+    import torch
+
+    from mergelab.pool.state import LazyStateDict
+
+    torch.set_num_threads(2)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    p = LazyStateDict(Path(root) / "pretrained.safetensors")
+    experts = {f"t{i}": LazyStateDict(Path(root) / f"expert_{i}.safetensors") for i in range(n_experts)}
+    t = time.perf_counter()
+    if mode == "plain_read":
+        total = 0.0
+        for key in p:
+            total += float(p[key].view(-1)[0])
+            for sd in experts.values():
+                total += float(sd[key].view(-1)[0])
+    elif mode == "task_arithmetic":
+        from mergelab.merge.task_arithmetic import TaskArithmetic
+
+        out = TaskArithmetic(0.3).merge(p, experts)
+    elif mode == "ties":
+        from mergelab.merge.ties import Ties
+
+        out = Ties(k=0.2, scaling=0.3).merge(p, experts)
+    elif mode == "idle":
+        pass
+    wall = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mode": mode, "wall_s": wall, "peak_rss_kb": rss, "start_rss_kb": rss0}))
+
+
+def measure(mode: str, root: Path, n_experts: int) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.merge_bench", "--child", mode, "--dir", str(root), "--experts", str(n_experts)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_bench(root: Path, n_experts: int = 8) -> dict:
+    meta = make_checkpoints(root, n_experts)
+    model_mb = meta["bytes"] / 2**20
+    idle = measure("idle", root, n_experts)
+    res = {"n_experts": n_experts, "n_params": meta["n_params"], "model_mb": round(model_mb, 1), "rows": {}}
+    plain = None
+    for mode in ("plain_read", "task_arithmetic", "ties"):
+        measure(mode, root, n_experts)  # warm the page cache so every mode reads from memory
+        m = measure(mode, root, n_experts)
+        extra_mb = (m["peak_rss_kb"] - idle["peak_rss_kb"]) / 1024
+        row = {
+            "wall_s": round(m["wall_s"], 2),
+            "peak_rss_mb": round(m["peak_rss_kb"] / 1024, 1),
+            "extra_mb": round(extra_mb, 1),
+            "extra_model_copies": round(extra_mb / model_mb, 2),
+        }
+        if plain is None:
+            plain = row
+        row["time_ratio"] = round(row["wall_s"] / plain["wall_s"], 2)
+        row["peak_ratio"] = round(row["peak_rss_mb"] / plain["peak_rss_mb"], 2)
+        res["rows"][mode] = row
+    return res
+
+
+def print_report(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"merge bench: {res['n_experts']} experts × {res['n_params'] / 1e6:.1f}M params ({res['model_mb']:.0f} MB each, fp32)")
+    for c in ("mode", "wall s", "× plain", "peak RSS MB", "× plain", "extra MB", "extra / model size"):
+        t.add_column(c, justify="right")
+    for mode, r in res["rows"].items():
+        t.add_row(mode, f"{r['wall_s']:.1f}", f"{r['time_ratio']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_ratio']:.2f}", f"{r['extra_mb']:.0f}", f"{r['extra_model_copies']:.2f}")
+    Console().print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--dir", default=".bench/vit_b32")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, help="also write the figures to this json file")
+    a = ap.parse_args()
+    if a.child:
+        _child(a.child, a.dir, a.experts)
+        return
+    res = run_bench(Path(a.dir), a.experts)
+    print_report(res)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The run's report: a rich table on the terminal, ``results.json`` + ``results.csv`` in the
+run dir (written atomically), and the same numbers sent to every configured logger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def average(row: dict[str, float]) -> float:
+    return sum(row.values()) / len(row) if row else float("nan")
+
+
+def normalized(row: dict[str, float], experts: dict[str, float]) -> float:
+    """Mean over tasks of acc_merged / acc_expert (×100), as in the merging papers."""
+    vals = [row[t] / experts[t] for t in row if t in experts and experts[t] > 0]
+    return 100.0 * sum(vals) / len(vals) if vals else float("nan")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def build_rows(tasks: list[str], rows: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Table rows: one per method label with per-task accuracy, average and normalised avg."""
+    experts = rows.get("individual experts", {})
+    out = []
+    for label, accs in rows.items():
+        out.append(
+            {
+                "method": label,
+                **{t: round(accs[t], 2) for t in tasks if t in accs},
+                "avg": round(average({t: accs[t] for t in tasks if t in accs}), 2),
+                "normalized": round(normalized(accs, experts), 2) if experts else None,
+            }
+        )
+    return out
+
+
+def to_csv(tasks: list[str], table: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+    extra = extra or {}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*extra.keys(), "method", *tasks, "avg", "normalized"])
+    w.writeheader()
+    for row in table:
+        w.writerow({**extra, **row})
+    return buf.getvalue()
+
+
+def print_table(title: str, tasks: list[str], table: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    t.add_column("method", style="bold")
+    for task in tasks:
+        t.add_column(task, justify="right")
+    t.add_column("avg", justify="right", style="bold")
+    t.add_column("norm.", justify="right")
+    for row in table:
+        cells = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else "–" for k in tasks]
+        norm = row.get("normalized")
+        t.add_row(row["method"], *cells, f"{row['avg']:.1f}", f"{norm:.1f}" if norm is not None else "–")
+    Console(width=max(120, 14 * (len(tasks) + 3))).print(t)
+
+
+def write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    """``results.json`` and ``results.csv``, each written atomically."""
+    tasks = results["tasks"]
+    atomic_write(out_dir / "results.json", json.dumps(results, indent=2, default=str))
+    extra = {"family": results["family"], "backbone": results["backbone"], "merge": results["merge"], "surgery": results["surgery"]}
+    atomic_write(out_dir / "results.csv", to_csv(tasks, results["table"], extra))
+
+
+def log_to_loggers(loggers: list, results: dict[str, Any], config: dict, images: dict[str, Path]) -> None:
+    """Metrics, config, the results table and plots to every logger that supports them."""
+    merged = results["table"][-1]
+    metrics = {f"acc/{t}": merged[t] for t in results["tasks"] if t in merged}
+    metrics["acc/avg"] = merged["avg"]
+    if merged.get("normalized") is not None:
+        metrics["acc/normalized"] = merged["normalized"]
+    columns = ["method", *results["tasks"], "avg", "normalized"]
+    data = [[row.get(c) for c in columns] for row in results["table"]]
+    for lg in loggers:
+        lg.log_hyperparams(config)
+        lg.log_metrics(metrics)
+        if hasattr(lg, "log_table"):
+            lg.log_table(key="results", columns=columns, data=data)
+        if hasattr(lg, "log_image"):
+            for key, path in images.items():
+                if Path(path).exists():
+                    lg.log_image(key=key, images=[str(path)])
+        lg.save()

@@ -1,0 +1,132 @@
+"""The run: pool → merge → surgery (optional) → evaluate → report. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mergelab.context import RunContext
+from mergelab.errors import ConfigError
+from mergelab.eval import report
+from mergelab.eval.baselines import baselines
+from mergelab.eval.evaluator import evaluate
+from mergelab.merge.base import AdaptiveMerge, MergeMethod
+from mergelab.pool.base import MultiTaskModel
+
+log = logging.getLogger(__name__)
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """The name the user chose for a config group (``merge=ties`` → "ties")."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices[group])
+    except Exception:  # noqa: BLE001 — outside a Hydra app (tests composing configs)
+        return str(cfg[group].get("name", cfg[group].get("_target_", "?")).rsplit(".", 1)[-1])
+
+
+def _loggers(cfg: DictConfig) -> list:
+    out = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None:
+            continue
+        lg = instantiate(lcfg)
+        if lg is not None:
+            out.append(lg)
+        else:
+            log.warning("logger %r is unavailable; continuing without it", name)
+    return out
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run one experiment and return its results dict (also written to ``out_dir``)."""
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
+    L.seed_everything(int(cfg.seed), verbose=False)
+    tasks = list(cfg.tasks.names)
+    if not tasks:
+        raise ConfigError("tasks.names is empty; expected at least one task")
+
+    # Instantiate every component before any expensive work, so bad names fail fast.
+    method = instantiate(cfg.merge)
+    if not isinstance(method, (MergeMethod, AdaptiveMerge)):
+        raise ConfigError(f"merge config builds {type(method).__name__}, expected a merge method")
+    surgery = instantiate(cfg.surgery)
+    loggers = _loggers(cfg)
+    ctx = RunContext(
+        out_dir=out_dir,
+        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        loggers=loggers,
+        seed=int(cfg.seed),
+        rank=int(cfg.rank),
+        eval_batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.eval.num_workers),
+    )
+
+    t = time.time()
+    pool = instantiate(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
+    timings["pool_s"] = time.time() - t
+
+    t = time.time()
+    if isinstance(method, AdaptiveMerge):
+        merged = method.fit(pool, ctx)
+    else:
+        merged = method.merge(pool.pretrained, pool.experts)
+    timings["merge_s"] = time.time() - t
+    model = MultiTaskModel(pool.encoder(merged, "merged model"), pool.heads)
+
+    t = time.time()
+    model = surgery.apply(model, pool, ctx)
+    timings["surgery_s"] = time.time() - t
+
+    t = time.time()
+    merged_acc = evaluate(model, pool.test_sets, pool.heads, ctx, tasks)
+    timings["eval_s"] = time.time() - t
+
+    t = time.time()
+    base = baselines(pool, ctx, cfg.paths.cache_dir)
+    timings["baselines_s"] = time.time() - t
+
+    merge_name, surgery_name = _choice(cfg, "merge"), _choice(cfg, "surgery")
+    label = merge_name if surgery_name == "none" else f"{merge_name} + surgery {surgery_name} (rank {cfg.rank})"
+    rows = {"pretrained": base["pretrained"], "individual experts": base["experts"], label: merged_acc}
+    online = getattr(model, "online_accuracy", None)
+    if online:
+        rows[f"{label} [online]"] = online
+    table = report.build_rows(tasks, rows)
+    timings["total_s"] = time.time() - t_start
+    results: dict[str, Any] = {
+        "family": pool.family,
+        "backbone": pool.backbone,
+        "merge": merge_name,
+        "surgery": surgery_name,
+        "rank": int(cfg.rank),
+        "tasks": tasks,
+        "accuracy": merged_acc,
+        "avg": report.average(merged_acc),
+        "normalized": report.normalized(merged_acc, base["experts"]),
+        "baselines": base,
+        "table": table,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "pool_meta": pool.meta,
+    }
+    extra = getattr(model, "report", None)
+    if callable(extra):
+        results.update(extra())
+    report.write_results(out_dir, results)
+    report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
+    report.log_to_loggers(loggers, results, results["config"], {})
+    log.info("results written to %s", out_dir)
+    return results
