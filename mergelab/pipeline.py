@@ -9,16 +9,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab.context import RunContext
-from mergelab.errors import ConfigError
+from mergelab.errors import ConfigError, MergelabError
 from mergelab.eval import report
 from mergelab.eval.baselines import baselines
 from mergelab.eval.evaluator import evaluate
 from mergelab.merge.base import AdaptiveMerge, MergeMethod
 from mergelab.pool.base import MultiTaskModel
+from mergelab.surgery.bias import measure_bias, plot_bias, plot_projection
+from mergelab.surgery.none import NoSurgery
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,27 @@ def _loggers(cfg: DictConfig) -> list:
     for name, lcfg in (cfg.get("logger") or {}).items():
         if lcfg is None:
             continue
-        lg = instantiate(lcfg)
+        lg = build(lcfg)
         if lg is not None:
             out.append(lg)
         else:
             log.warning("logger %r is unavailable; continuing without it", name)
     return out
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our own errors through: Hydra wraps exceptions
+    raised inside a ``_target_`` in InstantiationException, which would turn a clear
+    "file X is missing" into a traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, MergelabError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -59,10 +77,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         raise ConfigError("tasks.names is empty; expected at least one task")
 
     # Instantiate every component before any expensive work, so bad names fail fast.
-    method = instantiate(cfg.merge)
+    method = build(cfg.merge)
     if not isinstance(method, (MergeMethod, AdaptiveMerge)):
         raise ConfigError(f"merge config builds {type(method).__name__}, expected a merge method")
-    surgery = instantiate(cfg.surgery)
+    surgery = build(cfg.surgery)
     loggers = _loggers(cfg)
     ctx = RunContext(
         out_dir=out_dir,
@@ -75,7 +93,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     )
 
     t = time.time()
-    pool = instantiate(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
+    pool = build(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
     timings["pool_s"] = time.time() - t
 
     t = time.time()
@@ -86,9 +104,29 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     timings["merge_s"] = time.time() - t
     model = MultiTaskModel(pool.encoder(merged, "merged model"), pool.heads)
 
+    analysis = cfg.get("analysis") or {}
+    bias_before = None
+    if analysis.get("bias", False):
+        t = time.time()
+        bias_before = measure_bias(model, pool, ctx, int(analysis.max_images))
+        timings["bias_s"] = time.time() - t
+
     t = time.time()
     model = surgery.apply(model, pool, ctx)
     timings["surgery_s"] = time.time() - t
+
+    images: dict[str, Path] = {}
+    bias = None
+    if bias_before is not None:
+        t = time.time()
+        after = bias_before if isinstance(surgery, NoSurgery) else measure_bias(model, pool, ctx, int(analysis.max_images))
+        bias = {"before": bias_before, "after": after}
+        images["bias"] = plot_bias(bias_before, None if after is bias_before else after, out_dir / "bias.png")
+        images["projection"] = plot_projection(
+            model, pool, tasks[: int(analysis.projection_tasks)], out_dir / "projection.png",
+            int(analysis.max_images), int(cfg.seed),
+        )
+        timings["bias_s"] += time.time() - t
 
     t = time.time()
     merged_acc = evaluate(model, pool.test_sets, pool.heads, ctx, tasks)
@@ -121,12 +159,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "pool_meta": pool.meta,
+        "representation_bias": bias,
     }
     extra = getattr(model, "report", None)
     if callable(extra):
         results.update(extra())
     report.write_results(out_dir, results)
     report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
-    report.log_to_loggers(loggers, results, results["config"], {})
+    report.log_to_loggers(loggers, results, results["config"], images)
     log.info("results written to %s", out_dir)
     return results

@@ -65,7 +65,7 @@ def test_unknown_model_lists_choices(run_cli, tmp_path):
 def test_mismatched_checkpoint_names_first_offending_key(run_cli, tmp_path, tiny_cache):
     ok = run_cli(run_dir=tmp_path / "ok")  # make sure the tiny zoo exists
     assert ok.returncode == 0, ok.stderr[-3000:]
-    zoo = next((tiny_cache / "zoo").glob("*/expert_gtsrb.safetensors")).parent
+    zoo = next((tiny_cache / "zoo").rglob("expert_gtsrb.safetensors")).parent
     path = zoo / "expert_gtsrb.safetensors"
     sd = dict(LazyStateDict(path).items())
     backup = dict(sd)
@@ -79,3 +79,16 @@ def test_mismatched_checkpoint_names_first_offending_key(run_cli, tmp_path, tiny
     assert r.returncode == 2
     assert "gtsrb" in r.stderr and key in r.stderr and "shape" in r.stderr
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_wandb_logger_runs_offline_without_account(run_cli, tmp_path, monkeypatch):
+    """No API key, no network: the run succeeds and W&B writes an offline run."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    out = tmp_path / "run"
+    r = run_cli("logger=wandb", run_dir=out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "results.json").exists()
+    runs = list((tmp_path / "wb").rglob("offline-run-*")) + list(out.rglob("offline-run-*"))
+    assert runs, "no offline W&B run was written"

@@ -75,17 +75,20 @@ class EmbeddedZoo:
         unknown = [t for t in self.mixture if t not in zdata.TASKS]
         if unknown:
             raise ConfigError(f"unknown embedded task {unknown[0]!r} in the pretraining mixture; valid: {', '.join(zdata.TASKS)}")
-        self.key = {
+        # θ0 depends only on the backbone, data and pretraining; heads and experts also on the
+        # fine-tuning recipe. Two cache levels, so changing the recipe never re-pretrains.
+        base_key = {
             "vision": self.vision,
             "embed_dim": embed_dim,
             "data": self.data_cfg,
             "pretrain": self.pretrain_cfg,
-            "finetune": self.finetune_cfg,
-            "logit_scale": logit_scale,
             "mixture": self.mixture,
             "seed": seed,
         }
-        self.root = Path(cache_dir).expanduser() / "zoo" / config_hash(self.key)
+        expert_key = {"finetune": self.finetune_cfg, "logit_scale": logit_scale}
+        self.key = {**base_key, **expert_key}
+        self.base = Path(cache_dir).expanduser() / "zoo" / config_hash(base_key)
+        self.root = self.base / f"experts-{config_hash(expert_key)}"
         self._splits: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ pieces
@@ -96,7 +99,7 @@ class EmbeddedZoo:
         """(x_train, y_train, x_test, y_test) as normalised tensors; cached as npz."""
         if task not in self._splits:
             d = self.data_cfg
-            path = self.root.parent.parent / "data" / config_hash({"task": task, **d}) / f"{task}.npz"
+            path = self.base.parent.parent / "data" / config_hash({"task": task, **d}) / f"{task}.npz"
             if path.exists():
                 z = np.load(path)
                 arrs = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
@@ -165,7 +168,7 @@ class EmbeddedZoo:
         built = False
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "config.json").write_text(json.dumps(self.key, indent=2, sort_keys=True))
-        p0 = self.root / "pretrained.safetensors"
+        p0 = self.base / "pretrained.safetensors"
         if not p0.exists():
             save_state_dict(self._pretrain(), p0)
             built = True
@@ -200,7 +203,7 @@ class EmbeddedZoo:
             backbone=self.name,
             tasks=list(tasks),
             encoder_factory=self.encoder_factory,
-            pretrained=LazyStateDict(self.root / "pretrained.safetensors"),
+            pretrained=LazyStateDict(self.base / "pretrained.safetensors"),
             experts={t: LazyStateDict(self.root / f"expert_{t}.safetensors") for t in tasks},
             heads={t: self.load_head(t) for t in tasks},
             test_sets={t: TensorDataset(self.splits(t)[2], self.splits(t)[3]) for t in tasks},
