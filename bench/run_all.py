@@ -1,0 +1,38 @@
+"""`make bench`: every speed/memory benchmark, each in its own process, figures to .bench/.
+
+1. merges at ViT-B/32 size (8 synthetic experts): wall time and peak memory vs a plain read;
+2. surgery v1/v2 on the embedded benchmark vs the reference loop (same steps, same seed);
+3. one AdaMerging step vs one forward+backward of the merged model, embedded and ViT-B/32 size.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+OUT = Path(".bench")
+
+JOBS = [
+    ("merge", ["-m", "bench.merge_bench", "--json", str(OUT / "merge.json")]),
+    ("surgery", ["-m", "bench.surgery_bench", "--embedded", "--json", str(OUT / "surgery.json")]),
+    ("adamerging", ["-m", "bench.adamerging_bench", "--json", str(OUT / "adamerging.json")]),
+]
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    only = set(sys.argv[1:])
+    failed = []
+    for name, args in JOBS:
+        if only and name not in only:
+            continue
+        print(f"\n=== bench: {name} ===", flush=True)
+        if subprocess.run([sys.executable, *args]).returncode != 0:
+            failed.append(name)
+    if failed:
+        sys.exit(f"benchmarks failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

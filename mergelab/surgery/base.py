@@ -1,0 +1,230 @@
+"""The surgery contract, and the shared driver of the trained surgery kinds (v1, v2).
+
+A surgery kind is an object with ``apply(model, pool, ctx) -> MultiTaskModel``: it takes the
+merged multi-task model and returns one whose ``forward(x, task)`` routes each batch through
+the task's own repair. The pipeline calls nothing else.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from mergelab.context import RunContext
+from mergelab.errors import CheckpointError, ConfigError
+from mergelab.pool.base import ModelPool, MultiTaskModel
+from mergelab.surgery.lit import (
+    SAMPLINGS,
+    StepDataset,
+    SurgeryLit,
+    TaskSource,
+    extract,
+    extraction_device,
+    make_schedule,
+    online_schedule,
+    used_indices,
+)
+from mergelab.surgery.modules import SurgeryModel, expert_targets
+
+
+class Surgery(ABC):
+    """A representation-repair step applied to the merged model (or none)."""
+
+    name: str = "surgery"
+
+    @abstractmethod
+    def apply(self, model: MultiTaskModel, pool: ModelPool, ctx: RunContext) -> MultiTaskModel:
+        """Return a model whose ``forward(x, task)`` uses ``task``'s repair."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class AdapterSurgery(Surgery):
+    """Trains per-task low-rank modules (Representation Surgery, Yang et al., ICML 2024) on
+    the unlabeled test split of every task, aligning the merged model to each expert.
+
+    Subclasses set ``name``, ``block_sites`` (modules after every block: SurgeryV2) and
+    ``merged_in_loop`` (whether the merged backbone must run inside the loss), and implement
+    :meth:`loss` — the paper's objective for one task's batch.
+
+    Args:
+        rank: width r of every module's bottleneck.
+        lr, betas, weight_decay: Adam settings (paper: 1e-3, (0.9, 0.999), 0).
+        steps: optimiser steps (paper: 500); ignored online.
+        batch_size: samples per task per step (paper: 16); ignored online (always 1).
+        sampling: ``all_tasks`` (one batch of every task per step, losses summed: the
+            authors' loop) or ``round_robin`` (one task per step, cycling).
+        online: adapt-then-predict on a single pass over the test data, batch size 1; the
+            returned model carries ``online_accuracy`` and ``online_counts`` per task.
+        cache: compute fixed targets once (v1: merged and expert final features; v2: the
+            experts' per-block token means and final features) over the drawn test indices;
+            ``false`` runs the reference loop that re-runs the expert (and merged model)
+            every step — same schedule, same result, slower.
+        seed: seeds the module initialisation and the sampling schedule.
+        load_from: a ``surgery.safetensors`` to load instead of training (evaluation only).
+        save: write the trained modules to ``<out_dir>/surgery.safetensors``.
+    """
+
+    name = "adapter"
+    block_sites = False
+    merged_in_loop = False
+
+    def __init__(
+        self,
+        rank: int = 16,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        steps: int = 500,
+        batch_size: int = 16,
+        sampling: str = "all_tasks",
+        online: bool = False,
+        cache: bool = True,
+        seed: int = 0,
+        load_from: str | None = None,
+        save: bool = True,
+    ):
+        self.rank = int(rank)
+        self.lr = float(lr)
+        self.betas = tuple(float(b) for b in betas)
+        self.weight_decay = float(weight_decay)
+        self.steps = int(steps)
+        self.batch_size = int(batch_size)
+        self.sampling = str(sampling)
+        self.online = bool(online)
+        self.cache = bool(cache)
+        self.seed = int(seed)
+        self.load_from = None if load_from in (None, "") else str(load_from)
+        self.save = bool(save)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"surgery rank must be >= 1, got {self.rank}")
+        if not self.lr > 0:
+            raise ConfigError(f"surgery lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(
+                f"surgery betas must be two numbers in [0, 1), got {list(self.betas)}"
+            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"surgery weight_decay must be >= 0, got {self.weight_decay}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"surgery needs steps >= 1 and batch_size >= 1, got steps={self.steps}, batch_size={self.batch_size}"
+            )
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(
+                f"unknown surgery sampling {self.sampling!r}; expected one of {list(SAMPLINGS)}"
+            )
+        if self.load_from is not None and not Path(self.load_from).is_file():
+            raise CheckpointError(f"surgery load_from: file not found: {self.load_from}")
+
+    @abstractmethod
+    def loss(self, model: SurgeryModel, task: str, batch: dict[str, Tensor]) -> Tensor:
+        """The surgery objective on one task's batch (targets already in ``batch``)."""
+
+    # -- the run ------------------------------------------------------------------------
+    def build(self, model: MultiTaskModel) -> SurgeryModel:
+        """Untrained (identity) modules on ``model``'s encoder and heads."""
+        return SurgeryModel(
+            model.encoder,
+            model.heads,
+            self.rank,
+            self.name,
+            block_sites=self.block_sites,
+            seed=self.seed,
+        )
+
+    def apply(self, model: MultiTaskModel, pool: ModelPool, ctx: RunContext) -> SurgeryModel:
+        """Train (or, with ``load_from``, load) the modules on ``model`` and return the routed
+        model; trained modules are saved to ``<ctx.out_dir>/surgery.safetensors``."""
+        from mergelab.surgery.io import SURGERY_FILE, load_surgery, save_surgery
+
+        smodel = self.build(model)
+        if self.load_from is not None:
+            load_surgery(smodel, self.load_from)
+            return smodel.eval()
+
+        missing = [t for t in smodel.tasks if t not in pool.test_sets]
+        if missing:
+            raise ConfigError(
+                f"surgery needs unlabeled test data for task {missing[0]!r}; the pool has {sorted(pool.test_sets)}"
+            )
+        sizes = {t: len(pool.test_sets[t]) for t in smodel.tasks}
+        if self.online:
+            schedule = online_schedule(sizes, self.sampling, self.seed)
+        else:
+            schedule = make_schedule(sizes, self.steps, self.batch_size, self.sampling, self.seed)
+
+        sources, experts = self._sources(smodel, pool, ctx, schedule)
+        lit = SurgeryLit(
+            smodel, self.loss, self.lr, self.betas, self.weight_decay,
+            experts=experts, with_blocks=self.block_sites, online=self.online,
+        )  # fmt: skip
+        loader = DataLoader(
+            StepDataset(schedule, sources), batch_size=None, num_workers=ctx.num_workers
+        )
+        trainer = ctx.make_trainer(max_steps=len(schedule))
+        with warnings.catch_warnings():
+            # The frozen backbone, heads and experts stay in eval mode on purpose.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+            trainer.fit(lit, loader)
+
+        smodel.loss_history = lit.loss_history()
+        if self.online:
+            smodel.online_accuracy, smodel.online_counts = lit.online_results()
+        smodel = smodel.cpu().eval()
+        if self.save and trainer.is_global_zero:
+            save_surgery(smodel, Path(ctx.out_dir) / SURGERY_FILE, backbone=pool.backbone)
+        return smodel
+
+    def _sources(self, smodel: SurgeryModel, pool: ModelPool, ctx: RunContext, schedule):
+        """Per-task batch builders, and the experts the reference loop needs (none cached).
+
+        Cached: every target is fixed by the schedule, so compute it once per drawn index
+        (DESIGN §6). v1 also caches the merged model's final feature, since its modules sit
+        after the whole backbone; v2 keeps the merged backbone in the loop.
+        """
+        if not self.cache:
+            sources = {t: TaskSource(dataset=pool.test_sets[t]) for t in smodel.tasks}
+            experts = {t: pool.expert_encoder(t).requires_grad_(False) for t in smodel.tasks}
+            return sources, experts
+
+        device = extraction_device(ctx.trainer)
+        bs, nw = ctx.eval_batch_size, ctx.num_workers
+        sources = {}
+        for t in smodel.tasks:
+            ds, idx = pool.test_sets[t], used_indices(schedule, t)
+            expert = pool.expert_encoder(t).requires_grad_(False)
+            cached = extract(
+                expert,
+                lambda enc, x: expert_targets(enc, x, self.block_sites),
+                ds,
+                idx,
+                bs,
+                nw,
+                device,
+            )
+            del expert  # one expert in memory at a time
+            if not self.merged_in_loop:
+                merged = extract(
+                    smodel.encoder, lambda enc, x: {"feature": enc(x)}, ds, idx, bs, nw, device
+                )
+                cached["feature"] = merged["feature"]
+            row_of = torch.full((len(ds),), -1, dtype=torch.long)
+            row_of[idx] = torch.arange(idx.numel())
+            if self.merged_in_loop:
+                cached.pop("label")  # read with the images
+                sources[t] = TaskSource(dataset=ds, cached=cached, row_of=row_of)
+            else:
+                sources[t] = TaskSource(cached=cached, row_of=row_of)
+        return sources, None

@@ -1,0 +1,303 @@
+"""Representation bias: how far a (merged, possibly repaired) model's representations are from
+each task's expert, block by block, and plots of it.
+
+"Representation bias" is the quantity Representation Surgery (Yang et al., ICML 2024, §3) and
+SurgeryV2 (arXiv 2410.14389, §3) measure and reduce: for task t and block l,
+
+    bias_t,l = mean_images mean_channels | mean_tokens(z_merged,t,l) − mean_tokens(z_expert,t,l) |
+
+(the L1 distance of the token-mean residual streams, the same quantity SurgeryV2's loss
+aligns), plus the same L1 distance between the final image features. The model is measured as
+routed for task t, i.e. after whatever surgery its ``features(x, t)`` applies.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mergelab.context import RunContext
+from mergelab.errors import ConfigError
+from mergelab.pool.base import ModelPool, MultiTaskModel
+from mergelab.surgery.blocks import block_tensor, discover_blocks
+from mergelab.surgery.stats import calibration_device, unlabeled_loader
+
+FINAL = "final"
+
+
+def measure_bias(
+    model: MultiTaskModel, pool: ModelPool, ctx: RunContext, max_images: int = 256
+) -> dict:
+    """Per task, the L1 representation bias of ``model`` against the task's expert at every
+    block output and at the final feature (Surgery §3 / SurgeryV2 §3, equation above).
+
+    Uses up to ``max_images`` images of each task's test split (the same seeded subset for
+    every call, so before/after numbers are comparable). Returns a JSON-serialisable
+    ``{"blocks": [block names..., "final"], "per_task": {task: [floats]}}``.
+    """
+    if int(max_images) < 1:
+        raise ConfigError(f"max_images must be a positive integer, got {max_images}")
+    blocks = discover_blocks(model.encoder)
+    names = [*blocks.names, FINAL]
+    device = calibration_device(model, ctx)
+    per_task: dict[str, list[float]] = {}
+    with _evaluating(model, device), torch.no_grad():
+        for task in model.tasks:
+            _check_task(pool, task)
+            loader = unlabeled_loader(
+                pool.test_sets[task],
+                int(max_images),
+                ctx.eval_batch_size,
+                ctx.seed,
+                ctx.num_workers,
+            )
+            expert = pool.expert_encoder(task).to(device)
+            expert_blocks = discover_blocks(expert)
+            if len(expert_blocks) != len(blocks):
+                raise ConfigError(
+                    f"expert {task!r} has {len(expert_blocks)} blocks, the model has {len(blocks)}"
+                )
+            total = torch.zeros(len(names), dtype=torch.float64)
+            n = 0
+            for x in loader:
+                x = x.to(device)
+                e_means, e_final = _run(expert_blocks, expert_blocks.token_dim, partial(expert, x))
+                m_means, m_final = _run(blocks, blocks.token_dim, partial(model.features, x, task))
+                for i, (m, e) in enumerate(zip([*m_means, m_final], [*e_means, e_final])):
+                    # per image: mean over channels; summed over images, averaged below
+                    total[i] += (m.float() - e.float()).abs().mean(dim=-1).double().sum().cpu()
+                n += x.shape[0]
+            del expert
+            per_task[task] = [float(v) for v in (total / n)]
+    return {"blocks": names, "per_task": per_task}
+
+
+def _check_task(pool: ModelPool, task: str) -> None:
+    if task not in pool.test_sets or task not in pool.experts:
+        raise ConfigError(
+            f"task {task!r} has no expert or test split in the pool (pool tasks: {list(pool.tasks)})"
+        )
+
+
+@contextmanager
+def _evaluating(model: nn.Module, device: torch.device):
+    """Eval mode on ``device`` for the duration; the model's mode and device are restored."""
+    p = next(model.parameters(), None)
+    home = p.device if p is not None else device
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        yield
+    finally:
+        model.train(was_training).to(home)
+
+
+def _run(blocks, token_dim: int, forward) -> tuple[list[Tensor], Tensor]:
+    """Run ``forward()`` and return the token-mean output of each block and the final output.
+
+    Each capture hook is registered just before the forward and removed after it, so it runs
+    after hooks that were registered earlier (persistent surgery hooks). A pre-hook also moves
+    it to the end of the block's hook list at call time, so it runs after hooks that a
+    surgery model registers inside its own ``features`` too: we always see the corrected
+    output that the next block receives.
+    """
+    means: list[Tensor | None] = [None] * len(blocks)
+    handles = []
+    for i, module in enumerate(blocks.modules):
+
+        def capture(mod, args, output, i=i):
+            means[i] = block_tensor(output).mean(dim=token_dim)
+
+        h = module.register_forward_hook(capture)
+        handles.append(h)
+        handles.append(module.register_forward_pre_hook(_move_to_end(h.id)))
+    try:
+        final = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    if any(m is None for m in means):
+        raise ConfigError("measure_bias: some blocks were not called by the model's forward")
+    return means, final
+
+
+def _move_to_end(hook_id: int):
+    def pre_hook(module: nn.Module, args) -> None:
+        hooks = getattr(module, "_forward_hooks", None)
+        if hooks is not None and hook_id in hooks and hasattr(hooks, "move_to_end"):
+            hooks.move_to_end(hook_id)
+
+    return pre_hook
+
+
+# ----------------------------------------------------------------------------------- plots
+
+
+def plot_bias(
+    before: Mapping[str, Any], after: Mapping[str, Any] | None, path: str | os.PathLike
+) -> Path:
+    """PNG of representation bias vs depth (Surgery/SurgeryV2 figure style): one colour per
+    task, ``before`` solid and ``after`` (e.g. after surgery) dashed. Returns the path."""
+    names, before_rows = _check_bias(before, "before")
+    after_rows = None
+    if after is not None:
+        after_names, after_rows = _check_bias(after, "after")
+        if after_names != names:
+            raise ConfigError(
+                f"plot_bias: 'after' blocks {after_names} differ from 'before' {names}"
+            )
+        missing = [t for t in before_rows if t not in after_rows]
+        if missing:
+            raise ConfigError(f"plot_bias: 'after' has no values for task(s) {missing}")
+
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    xs = list(range(len(names)))
+    colours = _colours(len(before_rows))
+    for colour, (task, ys) in zip(colours, before_rows.items()):
+        ax.plot(xs, ys, "-o", color=colour, label=task, markersize=3)
+        if after_rows is not None:
+            ax.plot(xs, after_rows[task], "--o", color=colour, markersize=3)
+    ax.set_xticks(xs, [_short(n) for n in names])
+    ax.set_xlabel("block")
+    ax.set_ylabel("L1 distance to expert (token mean)")
+    ax.set_title("Representation bias vs depth")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if after_rows is not None:
+        handles += [Line2D([], [], color="k", ls="-"), Line2D([], [], color="k", ls="--")]
+        labels += ["before", "after"]
+    ax.legend(handles, labels, fontsize="small", loc="upper left", ncols=2)
+    return _save_png(fig, path)
+
+
+def plot_projection(
+    model: MultiTaskModel,
+    pool: ModelPool,
+    tasks: Sequence[str] | None,
+    path: str | os.PathLike,
+    max_images: int = 200,
+    seed: int = 0,
+    label: str = "merged",
+) -> Path:
+    """PNG of a 2-D PCA of final image features, ``model`` (routed per task) vs the task's
+    expert, one panel per task, as in the representation-bias figures of Surgery (ICML 2024,
+    Fig. 1) and SurgeryV2. The PCA of each panel is fit on both point sets together so they
+    share axes. ``tasks=None`` shows up to the first four of the model's tasks."""
+    tasks = list(model.tasks[:4] if tasks is None else tasks)
+    if not tasks:
+        raise ConfigError("plot_projection needs at least one task")
+    for t in tasks:
+        if t not in model.tasks:
+            raise ConfigError(f"plot_projection: unknown task {t!r}; the model has {model.tasks}")
+        _check_task(pool, t)
+    if int(max_images) < 2:
+        raise ConfigError(f"max_images must be at least 2 for a projection, got {max_images}")
+
+    from matplotlib.figure import Figure
+
+    device = _first_device(model)
+    panels = []
+    with _evaluating(model, device), torch.no_grad():
+        for t in tasks:
+            expert = pool.expert_encoder(t).to(device)
+            m_feats, e_feats = [], []
+            for x in unlabeled_loader(pool.test_sets[t], int(max_images), 256, seed):
+                x = x.to(device)
+                m_feats.append(model.features(x, t).float().cpu())
+                e_feats.append(expert(x).float().cpu())
+            del expert
+            panels.append((t, *_pca2(torch.cat(m_feats), torch.cat(e_feats))))
+
+    ncols = min(4, len(tasks))
+    nrows = math.ceil(len(tasks) / ncols)
+    fig = Figure(figsize=(3.2 * ncols, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (t, m2, e2) in zip(axes, panels):
+        ax.scatter(e2[:, 0], e2[:, 1], s=6, alpha=0.6, label="expert", color="tab:blue")
+        ax.scatter(m2[:, 0], m2[:, 1], s=6, alpha=0.6, label=label, color="tab:red")
+        ax.set_title(t, fontsize="medium")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="small", markerscale=2)
+    fig.suptitle(f"Final features, PCA: {label} vs expert")
+    return _save_png(fig, path)
+
+
+def _pca2(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Project ``a`` and ``b`` on the top-2 principal axes of their union."""
+    both = torch.cat([a, b]).double()
+    centred = both - both.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    k = min(2, vh.shape[0])
+    proj = centred @ vh[:k].T
+    if k < 2:  # degenerate (1 feature): pad so the scatter still has two axes
+        proj = torch.cat([proj, torch.zeros(proj.shape[0], 2 - k, dtype=proj.dtype)], dim=1)
+    return proj[: len(a)].float(), proj[len(a) :].float()
+
+
+def _check_bias(d: Mapping[str, Any], what: str) -> tuple[list[str], dict[str, list[float]]]:
+    if not isinstance(d, Mapping) or "blocks" not in d or "per_task" not in d:
+        raise ConfigError(
+            f"plot_bias: {what!r} must be a measure_bias() result with 'blocks' and 'per_task'"
+        )
+    names = list(d["blocks"])
+    rows = {t: list(map(float, v)) for t, v in d["per_task"].items()}
+    if not rows:
+        raise ConfigError(f"plot_bias: {what!r} has no tasks")
+    for t, v in rows.items():
+        if len(v) != len(names):
+            raise ConfigError(
+                f"plot_bias: {what!r} task {t!r} has {len(v)} values for {len(names)} blocks"
+            )
+    return names, rows
+
+
+def _short(name: str) -> str:
+    """'transformer.resblocks.3' -> '3' (block index); 'final' stays."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _colours(n: int) -> list:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _save_png(fig, path: str | os.PathLike) -> Path:
+    """Render with Agg (matplotlib.figure.Figure never touches pyplot's global backend) and
+    write atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
