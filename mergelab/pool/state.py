@@ -89,6 +89,7 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, metada
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights should be as readable as any output
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
