@@ -58,7 +58,9 @@ def _child(mode: str, root: str, n_experts: int) -> None:
     torch.set_num_threads(2)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     p = LazyStateDict(Path(root) / "pretrained.safetensors")
-    experts = {f"t{i}": LazyStateDict(Path(root) / f"expert_{i}.safetensors") for i in range(n_experts)}
+    experts = {
+        f"t{i}": LazyStateDict(Path(root) / f"expert_{i}.safetensors") for i in range(n_experts)
+    }
     t = time.perf_counter()
     if mode == "plain_read":
         total = 0.0
@@ -69,11 +71,11 @@ def _child(mode: str, root: str, n_experts: int) -> None:
     elif mode == "task_arithmetic":
         from mergelab.merge.task_arithmetic import TaskArithmetic
 
-        out = TaskArithmetic(0.3).merge(p, experts)
+        _merged = TaskArithmetic(0.3).merge(p, experts)  # kept alive: the output counts in the peak
     elif mode == "ties":
         from mergelab.merge.ties import Ties
 
-        out = Ties(k=0.2, scaling=0.3).merge(p, experts)
+        _merged = Ties(k=0.2, scaling=0.3).merge(p, experts)
     elif mode == "idle":
         pass
     wall = time.perf_counter() - t
@@ -83,8 +85,20 @@ def _child(mode: str, root: str, n_experts: int) -> None:
 
 def measure(mode: str, root: Path, n_experts: int) -> dict:
     r = subprocess.run(
-        [sys.executable, "-m", "bench.merge_bench", "--child", mode, "--dir", str(root), "--experts", str(n_experts)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.merge_bench",
+            "--child",
+            mode,
+            "--dir",
+            str(root),
+            "--experts",
+            str(n_experts),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -93,7 +107,12 @@ def run_bench(root: Path, n_experts: int = 8) -> dict:
     meta = make_checkpoints(root, n_experts)
     model_mb = meta["bytes"] / 2**20
     idle = measure("idle", root, n_experts)
-    res = {"n_experts": n_experts, "n_params": meta["n_params"], "model_mb": round(model_mb, 1), "rows": {}}
+    res = {
+        "n_experts": n_experts,
+        "n_params": meta["n_params"],
+        "model_mb": round(model_mb, 1),
+        "rows": {},
+    }
     plain = None
     for mode in ("plain_read", "task_arithmetic", "ties"):
         measure(mode, root, n_experts)  # warm the page cache so every mode reads from memory
@@ -117,16 +136,36 @@ def print_report(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"merge bench: {res['n_experts']} experts × {res['n_params'] / 1e6:.1f}M params ({res['model_mb']:.0f} MB each, fp32)")
-    for c in ("mode", "wall s", "× plain", "peak RSS MB", "× plain", "extra MB", "extra / model size"):
+    t = Table(
+        title=f"merge bench: {res['n_experts']} experts × {res['n_params'] / 1e6:.1f}M params ({res['model_mb']:.0f} MB each, fp32)"
+    )
+    for c in (
+        "mode",
+        "wall s",
+        "× plain",
+        "peak RSS MB",
+        "× plain",
+        "extra MB",
+        "extra / model size",
+    ):
         t.add_column(c, justify="right")
     for mode, r in res["rows"].items():
-        t.add_row(mode, f"{r['wall_s']:.1f}", f"{r['time_ratio']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_ratio']:.2f}", f"{r['extra_mb']:.0f}", f"{r['extra_model_copies']:.2f}")
+        t.add_row(
+            mode,
+            f"{r['wall_s']:.1f}",
+            f"{r['time_ratio']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['peak_ratio']:.2f}",
+            f"{r['extra_mb']:.0f}",
+            f"{r['extra_model_copies']:.2f}",
+        )
     Console().print(t)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--dir", default=".bench/vit_b32")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -148,7 +148,9 @@ def embedded_benchmark_pool(overrides: list[str] | None = None) -> ModelPool:
 
     with initialize_config_module(config_module="mergelab.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides or [])
-    return instantiate(cfg.model, tasks=list(cfg.tasks.names), cache_dir=cfg.paths.cache_dir, _convert_="all")
+    return instantiate(
+        cfg.model, tasks=list(cfg.tasks.names), cache_dir=cfg.paths.cache_dir, _convert_="all"
+    )
 
 
 def main() -> None:

@@ -115,16 +115,23 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     model = surgery.apply(model, pool, ctx)
     timings["surgery_s"] = time.time() - t
 
-    images: dict[str, Path] = {}
     bias = None
     if bias_before is not None:
         t = time.time()
-        after = bias_before if isinstance(surgery, NoSurgery) else measure_bias(model, pool, ctx, int(analysis.max_images))
+        after = (
+            bias_before
+            if isinstance(surgery, NoSurgery)
+            else measure_bias(model, pool, ctx, int(analysis.max_images))
+        )
         bias = {"before": bias_before, "after": after}
-        images["bias"] = plot_bias(bias_before, None if after is bias_before else after, out_dir / "bias.png")
-        images["projection"] = plot_projection(
-            model, pool, tasks[: int(analysis.projection_tasks)], out_dir / "projection.png",
-            int(analysis.max_images), int(cfg.seed),
+        plot_bias(bias_before, None if after is bias_before else after, out_dir / "bias.png")
+        plot_projection(
+            model,
+            pool,
+            tasks[: int(analysis.projection_tasks)],
+            out_dir / "projection.png",
+            int(analysis.max_images),
+            int(cfg.seed),
         )
         timings["bias_s"] += time.time() - t
 
@@ -137,8 +144,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     timings["baselines_s"] = time.time() - t
 
     merge_name, surgery_name = _choice(cfg, "merge"), _choice(cfg, "surgery")
-    label = merge_name if surgery_name == "none" else f"{merge_name} + surgery {surgery_name} (rank {cfg.rank})"
-    rows = {"pretrained": base["pretrained"], "individual experts": base["experts"], label: merged_acc}
+    label = (
+        merge_name
+        if surgery_name == "none"
+        else f"{merge_name} + surgery {surgery_name} (rank {cfg.rank})"
+    )
+    rows = {
+        "pretrained": base["pretrained"],
+        "individual experts": base["experts"],
+        label: merged_acc,
+    }
     online = getattr(model, "online_accuracy", None)
     if online:
         rows[f"{label} [online]"] = online
@@ -166,6 +181,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         results.update(extra())
     report.write_results(out_dir, results)
     report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
+    images = {p.stem: p for p in sorted(out_dir.glob("*.png"))}  # bias, projection, coefficients
     report.log_to_loggers(loggers, results, results["config"], images)
     log.info("results written to %s", out_dir)
     return results

@@ -44,7 +44,9 @@ def compose(overrides: list[str], cache: Path):
 def run_cli(tiny_cache):
     """Run ``python -m mergelab`` in a subprocess on the tiny setup; returns the result."""
 
-    def _run(*overrides: str, run_dir: Path | None = None, multirun: bool = False, tiny: bool = True):
+    def _run(
+        *overrides: str, run_dir: Path | None = None, multirun: bool = False, tiny: bool = True
+    ):
         args = [sys.executable, "-m", "mergelab"]
         if multirun:
             args.append("--multirun")

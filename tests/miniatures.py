@@ -45,13 +45,22 @@ def legacy_modules():
     ``sys.modules`` only inside the block, so pickles record exactly those global names."""
     old_cls = {}
     fake_oc = types.ModuleType("open_clip.model")
-    for name in ("CLIP", "VisualTransformer", "Transformer", "ResidualAttentionBlock", "LayerNorm", "QuickGELU"):
+    for name in (
+        "CLIP",
+        "VisualTransformer",
+        "Transformer",
+        "ResidualAttentionBlock",
+        "LayerNorm",
+        "QuickGELU",
+    ):
         old_cls[name] = type(name, (nn.Module,), {"__module__": "open_clip.model"})
         setattr(fake_oc, name, old_cls[name])
     fake_src = types.ModuleType("src")
     fake_modeling = types.ModuleType("src.modeling")
     fake_modeling.ImageEncoder = type("ImageEncoder", (nn.Module,), {"__module__": "src.modeling"})
-    fake_modeling.ClassificationHead = type("ClassificationHead", (nn.Linear,), {"__module__": "src.modeling"})
+    fake_modeling.ClassificationHead = type(
+        "ClassificationHead", (nn.Linear,), {"__module__": "src.modeling"}
+    )
     fake_src.modeling = fake_modeling
     saved = {k: sys.modules.get(k) for k in ("open_clip.model", "src", "src.modeling")}
     sys.modules.update({"open_clip.model": fake_oc, "src": fake_src, "src.modeling": fake_modeling})
@@ -83,13 +92,15 @@ def save_image_encoder(clip: nn.Module, path: Path) -> None:
     from torchvision import transforms as T
 
     size = TINY_CFG["vision_cfg"]["image_size"]
-    pre = T.Compose([
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(size),
-        _convert_to_rgb,
-        T.ToTensor(),
-        T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    ])
+    pre = T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            _convert_to_rgb,
+            T.ToTensor(),
+            T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
     with legacy_modules() as (old_cls, modeling):
         enc = modeling.ImageEncoder()
         enc.model = _as_legacy(clip, old_cls)
@@ -145,8 +156,16 @@ def make_task_vectors_root(root: Path, tasks: list[str], heads: bool = True, see
 
 # Class folder names as the task_vectors layouts spell them (EuroSAT's CamelCase folders).
 _EUROSAT_DIRS = [
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
 ]
 _FOLDERS = {"EuroSAT": "EuroSAT_splits/test", "DTD": "dtd/test", "SUN397": "sun397/test"}
 
@@ -160,7 +179,9 @@ def _png(path: Path, value: int, size: int = 12) -> None:
     Image.fromarray(arr).save(path)
 
 
-def make_image_folders(root: Path, tasks: list[str], per_class: int = 1, max_classes: int | None = None) -> dict:
+def make_image_folders(
+    root: Path, tasks: list[str], per_class: int = 1, max_classes: int | None = None
+) -> dict:
     """Tiny test splits in the task_vectors layout; returns ``{task: [(file, label), ...]}``."""
     written = {}
     for t in tasks:
@@ -186,18 +207,31 @@ def make_image_folders(root: Path, tasks: list[str], per_class: int = 1, max_cla
 
 # --- FusionBench (HF) ---------------------------------------------------------------------
 
+
 def tiny_hf_configs():
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
     )
     text = CLIPTextConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        vocab_size=99, max_position_embeddings=16, projection_dim=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=99,
+        max_position_embeddings=16,
+        projection_dim=16,
     )
-    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16), vision
+    return CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    ), vision
 
 
 def make_fusionbench_root(root: Path, tasks: list[str], seed: int = 0) -> dict:

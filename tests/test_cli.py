@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 from mergelab.pool.state import LazyStateDict, save_state_dict
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import compose
 from omegaconf import open_dict
 
 import mergelab
 from mergelab.pipeline import run
-
-from conftest import compose
 
 CONF = Path(mergelab.__file__).parent / "conf"
 

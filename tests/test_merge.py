@@ -68,8 +68,13 @@ def test_ties_known_answer_global_sum_and_mean():
 def test_ties_density_one_no_conflict_equals_task_arithmetic():
     """k = 1 keeps everything; with no sign conflicts TIES-sum is task arithmetic."""
     p = {"w": torch.zeros(4)}
-    e = {"a": {"w": torch.tensor([1.0, 2.0, 0.0, 3.0])}, "b": {"w": torch.tensor([2.0, 0.5, 1.0, 0.0])}}
-    torch.testing.assert_close(Ties(k=1.0, scaling=0.3).merge(p, e)["w"], TaskArithmetic(0.3).merge(p, e)["w"])
+    e = {
+        "a": {"w": torch.tensor([1.0, 2.0, 0.0, 3.0])},
+        "b": {"w": torch.tensor([2.0, 0.5, 1.0, 0.0])},
+    }
+    torch.testing.assert_close(
+        Ties(k=1.0, scaling=0.3).merge(p, e)["w"], TaskArithmetic(0.3).merge(p, e)["w"]
+    )
 
 
 def test_ties_trim_keeps_requested_fraction():
@@ -85,7 +90,12 @@ def test_ties_trim_keeps_requested_fraction():
 def test_ties_global_differs_from_per_tensor():
     """Global trim is over the whole flattened vector: a tensor of small values loses all."""
     p = {"big": torch.zeros(4), "small": torch.zeros(4)}
-    e = {"t": {"big": torch.tensor([5.0, 6.0, 7.0, 8.0]), "small": torch.tensor([0.1, 0.2, 0.3, 0.4])}}
+    e = {
+        "t": {
+            "big": torch.tensor([5.0, 6.0, 7.0, 8.0]),
+            "small": torch.tensor([0.1, 0.2, 0.3, 0.4]),
+        }
+    }
     g = ties_task_vectors(p, e, k=0.5, scope="global")["t"]
     assert torch.count_nonzero(g["small"]) == 0 and torch.count_nonzero(g["big"]) == 4
     pt = ties_task_vectors(p, e, k=0.5, scope="per_tensor")["t"]

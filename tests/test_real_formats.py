@@ -45,7 +45,9 @@ def tv(tmp_path_factory):
 def tv_pool(root: Path, tasks=TASKS2, **kw):
     from mergelab.pool.task_vectors import build_pool
 
-    args = dict(checkpoints=str(root / "ck"), data=str(root / "data"), model_cfg=M.TINY_CFG, pretrained=None)
+    args = dict(
+        checkpoints=str(root / "ck"), data=str(root / "data"), model_cfg=M.TINY_CFG, pretrained=None
+    )
     args.update(kw)
     return build_pool(list(tasks), str(root / "cache"), **args)
 
@@ -56,7 +58,11 @@ def tv_pool(root: Path, tasks=TASKS2, **kw):
 def test_miniature_pickle_uses_the_legacy_class_names(tv):
     root, _, _ = tv
     names = pickle_globals(root / "ck" / M.ARCH / "zeroshot.pt")
-    assert {"open_clip.model VisualTransformer", "open_clip.model CLIP", "src.modeling ImageEncoder"} <= names
+    assert {
+        "open_clip.model VisualTransformer",
+        "open_clip.model CLIP",
+        "src.modeling ImageEncoder",
+    } <= names
     assert not any(n.startswith("open_clip.transformer") for n in names)  # no modern names leak in
 
 
@@ -170,7 +176,9 @@ def test_task_vectors_pool_provenance_lazy_experts_and_outputs(tv):
             assert torch.equal(pool.expert_encoder(t)(x), ref["experts"][t].encode_image(x))
         assert torch.equal(pool.heads["MNIST"].weight, ref["heads"]["MNIST"])
     # Labels follow the class order of the heads (EuroSAT: folder names in sorted order).
-    assert [pool.test_sets["EuroSAT"][i][1] for i in range(10)] == [lab for _, lab in files["EuroSAT"]]
+    assert [pool.test_sets["EuroSAT"][i][1] for i in range(10)] == [
+        lab for _, lab in files["EuroSAT"]
+    ]
     assert len(pool.test_sets["MNIST"]) == 10
     # The conversion is cached: a second build reuses the same safetensors files.
     again = tv_pool(root)
@@ -247,12 +255,33 @@ def test_env_vars_supply_the_roots(tv, monkeypatch):
 
 
 def test_vit8_registry_matches_the_benchmark():
-    counts = {"Cars": 8, "DTD": 8, "EuroSAT": 3, "GTSRB": 3, "MNIST": 1, "RESISC45": 18, "SUN397": 2, "SVHN": 1}
-    classes = {"SUN397": 397, "Cars": 196, "RESISC45": 45, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 47}
+    counts = {
+        "Cars": 8,
+        "DTD": 8,
+        "EuroSAT": 3,
+        "GTSRB": 3,
+        "MNIST": 1,
+        "RESISC45": 18,
+        "SUN397": 2,
+        "SVHN": 1,
+    }
+    classes = {
+        "SUN397": 397,
+        "Cars": 196,
+        "RESISC45": 45,
+        "EuroSAT": 10,
+        "SVHN": 10,
+        "GTSRB": 43,
+        "MNIST": 10,
+        "DTD": 47,
+    }
     assert list(VIT8) == ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
     for t in VIT8:
         assert len(TASKS[t].templates) == counts[t] and len(TASKS[t].classnames) == classes[t]
-        assert len(set(TASKS[t].templates)) == counts[t] and len(set(TASKS[t].classnames)) == classes[t]
+        assert (
+            len(set(TASKS[t].templates)) == counts[t]
+            and len(set(TASKS[t].classnames)) == classes[t]
+        )
     assert [s.name for s in resolve_tasks(["mnist", "dtd"])] == ["MNIST", "DTD"]
 
 
@@ -299,7 +328,9 @@ def fb(tmp_path_factory):
 def hf_pool(root: Path, tasks=TASKS2, **kw):
     from mergelab.pool.hf import build_pool
 
-    args = dict(checkpoints=str(root / "ck"), heads=str(root / "ck" / "heads"), data=str(root / "data"))
+    args = dict(
+        checkpoints=str(root / "ck"), heads=str(root / "ck" / "heads"), data=str(root / "data")
+    )
     args.update(kw)
     return build_pool(list(tasks), str(root / "cache"), **args)
 
@@ -310,7 +341,9 @@ def test_fusionbench_pool_loads_hf_experts_with_identical_outputs(fb):
     root, ref = fb
     pool = hf_pool(root)
     assert pool.family == "fusionbench" and pool.backbone == "clip-vit-base-patch32"
-    assert pool.meta["checkpoints"]["experts"]["EuroSAT"] == str(root / "ck" / "clip-vit-base-patch32_eurosat")
+    assert pool.meta["checkpoints"]["experts"]["EuroSAT"] == str(
+        root / "ck" / "clip-vit-base-patch32_eurosat"
+    )
     assert all(isinstance(sd, LazyStateDict) for sd in pool.experts.values())
     proj = ref["base"].visual_projection.weight
     x = torch.stack([pool.test_sets["MNIST"][i][0] for i in range(3)])
@@ -323,7 +356,11 @@ def test_fusionbench_pool_loads_hf_experts_with_identical_outputs(fb):
         assert torch.allclose(pool.pretrained_encoder()(x), base_want, atol=1e-5)
     assert torch.equal(pool.heads["MNIST"].weight, ref["heads"]["MNIST"])
     blocks = discover_blocks(pool.pretrained_encoder())
-    assert len(blocks) == 2 and blocks.width == 32 and blocks.names[0] == "vision_model.encoder.layers.0"
+    assert (
+        len(blocks) == 2
+        and blocks.width == 32
+        and blocks.names[0] == "vision_model.encoder.layers.0"
+    )
     assert "visual_projection.weight" not in pool.pretrained  # shared, never merged
 
 
@@ -342,8 +379,15 @@ TINY_OVERRIDE = "model.model_cfg=" + json.dumps(M.TINY_CFG).replace('"', "").rep
 
 def run_cli(*overrides, cache: Path, run_dir: Path):
     pytest.importorskip("mergelab.cli")
-    args = [sys.executable, "-m", "mergelab", "logger=none", f"paths.cache_dir={cache}",
-            f"hydra.run.dir={run_dir}", *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "mergelab",
+        "logger=none",
+        f"paths.cache_dir={cache}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
@@ -352,9 +396,16 @@ def test_cli_runs_the_task_vectors_miniature_end_to_end(tv, tmp_path):
     root, _, _ = tv
     out = tmp_path / "run"
     r = run_cli(
-        "model=clip-vit-b32", "tasks=vit8", f"tasks.names=[{','.join(TASKS2)}]",
-        f"model.checkpoints={root / 'ck'}", f"model.data={root / 'data'}", "model.pretrained=null",
-        TINY_OVERRIDE, "merge=task_arithmetic", cache=tmp_path / "cache", run_dir=out,
+        "model=clip-vit-b32",
+        "tasks=vit8",
+        f"tasks.names=[{','.join(TASKS2)}]",
+        f"model.checkpoints={root / 'ck'}",
+        f"model.data={root / 'data'}",
+        "model.pretrained=null",
+        TINY_OVERRIDE,
+        "merge=task_arithmetic",
+        cache=tmp_path / "cache",
+        run_dir=out,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -366,9 +417,14 @@ def test_cli_runs_the_fusionbench_miniature_end_to_end(fb, tmp_path):
     root, _ = fb
     out = tmp_path / "run"
     r = run_cli(
-        "model=hf-clip-vit-b32", f"tasks.names=[{','.join(TASKS2)}]",
-        f"model.checkpoints={root / 'ck'}", f"model.heads={root / 'ck' / 'heads'}",
-        f"model.data={root / 'data'}", "merge=ties", cache=tmp_path / "cache", run_dir=out,
+        "model=hf-clip-vit-b32",
+        f"tasks.names=[{','.join(TASKS2)}]",
+        f"model.checkpoints={root / 'ck'}",
+        f"model.heads={root / 'ck' / 'heads'}",
+        f"model.data={root / 'data'}",
+        "merge=ties",
+        cache=tmp_path / "cache",
+        run_dir=out,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -377,11 +433,14 @@ def test_cli_runs_the_fusionbench_miniature_end_to_end(fb, tmp_path):
 
 def test_cli_missing_checkpoint_is_one_clear_error(tmp_path):
     r = run_cli(
-        "model=clip-vit-b32", "tasks=vit8", f"model.checkpoints={tmp_path / 'none'}",
-        f"model.data={tmp_path}", cache=tmp_path / "cache", run_dir=tmp_path / "run",
+        "model=clip-vit-b32",
+        "tasks=vit8",
+        f"model.checkpoints={tmp_path / 'none'}",
+        f"model.data={tmp_path}",
+        cache=tmp_path / "cache",
+        run_dir=tmp_path / "run",
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert str(tmp_path / "none" / "ViT-B-32" / "SUN397" / "finetuned.pt") in r.stderr
     assert not (tmp_path / "run" / "results.json").exists()
-

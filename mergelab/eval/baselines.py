@@ -13,12 +13,18 @@ from mergelab.pool.base import ModelPool, MultiTaskModel
 
 
 def baseline_cache_path(pool: ModelPool, cache_dir: str | Path) -> Path:
-    ident = json.dumps({"family": pool.family, "backbone": pool.backbone, "meta": pool.meta}, sort_keys=True, default=str)
+    ident = json.dumps(
+        {"family": pool.family, "backbone": pool.backbone, "meta": pool.meta},
+        sort_keys=True,
+        default=str,
+    )
     h = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / "baselines" / f"{pool.family}-{h}.json"
 
 
-def baselines(pool: ModelPool, ctx: RunContext, cache_dir: str | Path) -> dict[str, dict[str, float]]:
+def baselines(
+    pool: ModelPool, ctx: RunContext, cache_dir: str | Path
+) -> dict[str, dict[str, float]]:
     """``{"pretrained": {task: acc}, "experts": {task: acc of θt on task t}}``, cached per task."""
     path = baseline_cache_path(pool, cache_dir)
     cached = json.loads(path.read_text()) if path.exists() else {"pretrained": {}, "experts": {}}

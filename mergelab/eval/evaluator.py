@@ -22,7 +22,10 @@ class TaskEvaluator(L.LightningModule):
         self.model = model
         self.task_names = list(tasks)
         self.acc = nn.ModuleDict(
-            {t: torchmetrics.classification.MulticlassAccuracy(num_classes[t], average="micro") for t in tasks}
+            {
+                t: torchmetrics.classification.MulticlassAccuracy(num_classes[t], average="micro")
+                for t in tasks
+            }
         )
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
@@ -30,7 +33,9 @@ class TaskEvaluator(L.LightningModule):
         task = self.task_names[dataloader_idx]
         logits = self.model(x, task)
         self.acc[task].update(logits.argmax(-1), y)
-        self.log(f"acc/{task}", self.acc[task], on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self.log(
+            f"acc/{task}", self.acc[task], on_step=False, on_epoch=True, add_dataloader_idx=False
+        )
 
 
 def num_classes_of(head: nn.Module) -> int:
@@ -49,7 +54,8 @@ def evaluate(
     tasks = list(tasks or datasets.keys())
     evaluator = TaskEvaluator(model, tasks, {t: num_classes_of(heads[t]) for t in tasks})
     loaders = [
-        DataLoader(datasets[t], batch_size=ctx.eval_batch_size, num_workers=ctx.num_workers) for t in tasks
+        DataLoader(datasets[t], batch_size=ctx.eval_batch_size, num_workers=ctx.num_workers)
+        for t in tasks
     ]
     trainer = ctx.make_trainer(logger=False)
     trainer.test(evaluator, dataloaders=loaders, verbose=False)

@@ -36,5 +36,9 @@ def wandb_logger(save_dir: str, project: str = "mergelab", mode: str | None = No
         _ = lg.experiment  # start now, so failures surface here and not mid-run
         return lg
     except Exception as e:  # noqa: BLE001 — a logger must never fail the run
-        log.warning("W&B logger disabled (%s: %s); results are still written to the run dir", type(e).__name__, e)
+        log.warning(
+            "W&B logger disabled (%s: %s); results are still written to the run dir",
+            type(e).__name__,
+            e,
+        )
         return None

@@ -46,7 +46,9 @@ def build_rows(tasks: list[str], rows: dict[str, dict[str, float]]) -> list[dict
     return out
 
 
-def to_csv(tasks: list[str], table: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+def to_csv(
+    tasks: list[str], table: list[dict[str, Any]], extra: dict[str, Any] | None = None
+) -> str:
     extra = extra or {}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*extra.keys(), "method", *tasks, "avg", "normalized"])
@@ -69,7 +71,9 @@ def print_table(title: str, tasks: list[str], table: list[dict[str, Any]]) -> No
     for row in table:
         cells = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else "–" for k in tasks]
         norm = row.get("normalized")
-        t.add_row(row["method"], *cells, f"{row['avg']:.1f}", f"{norm:.1f}" if norm is not None else "–")
+        t.add_row(
+            row["method"], *cells, f"{row['avg']:.1f}", f"{norm:.1f}" if norm is not None else "–"
+        )
     Console(width=max(120, 14 * (len(tasks) + 3))).print(t)
 
 
@@ -77,11 +81,18 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> None:
     """``results.json`` and ``results.csv``, each written atomically."""
     tasks = results["tasks"]
     atomic_write(out_dir / "results.json", json.dumps(results, indent=2, default=str))
-    extra = {"family": results["family"], "backbone": results["backbone"], "merge": results["merge"], "surgery": results["surgery"]}
+    extra = {
+        "family": results["family"],
+        "backbone": results["backbone"],
+        "merge": results["merge"],
+        "surgery": results["surgery"],
+    }
     atomic_write(out_dir / "results.csv", to_csv(tasks, results["table"], extra))
 
 
-def log_to_loggers(loggers: list, results: dict[str, Any], config: dict, images: dict[str, Path]) -> None:
+def log_to_loggers(
+    loggers: list, results: dict[str, Any], config: dict, images: dict[str, Path]
+) -> None:
     """Metrics, config, the results table and plots to every logger that supports them."""
     merged = results["table"][-1]
     metrics = {f"acc/{t}": merged[t] for t in results["tasks"] if t in merged}

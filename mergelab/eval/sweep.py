@@ -15,11 +15,21 @@ from mergelab.eval import report
 
 def collect(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     rows, tasks = [], []
-    for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    for path in sorted(
+        sweep_dir.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name)
+    ):
         res = json.loads(path.read_text())
         tasks = tasks or res["tasks"]
-        merged = res["table"][-1] if not res["table"][-1]["method"].endswith("[online]") else res["table"][-2]
-        label = res["merge"] if res["surgery"] == "none" else f"{res['merge']} + {res['surgery']} (r{res['rank']})"
+        merged = (
+            res["table"][-1]
+            if not res["table"][-1]["method"].endswith("[online]")
+            else res["table"][-2]
+        )
+        label = (
+            res["merge"]
+            if res["surgery"] == "none"
+            else f"{res['merge']} + {res['surgery']} (r{res['rank']})"
+        )
         rows.append({**merged, "method": label, "job": path.parent.name})
         if not any(r["method"] == "individual experts" for r in rows[:-1]):
             for base in res["table"][:2]:
@@ -33,7 +43,12 @@ class ComparisonTable(Callback):
         tasks, rows = collect(sweep_dir)
         if not rows:
             return
-        report.atomic_write(sweep_dir / "comparison.json", json.dumps({"tasks": tasks, "rows": rows}, indent=2))
-        report.atomic_write(sweep_dir / "comparison.csv", report.to_csv(tasks, [{k: v for k, v in r.items() if k != "job"} for r in rows]))
+        report.atomic_write(
+            sweep_dir / "comparison.json", json.dumps({"tasks": tasks, "rows": rows}, indent=2)
+        )
+        report.atomic_write(
+            sweep_dir / "comparison.csv",
+            report.to_csv(tasks, [{k: v for k, v in r.items() if k != "job"} for r in rows]),
+        )
         report.print_table(f"mergelab sweep · {sweep_dir}", tasks, rows)
         print(f"comparison table: {sweep_dir / 'comparison.csv'}")

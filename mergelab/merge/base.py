@@ -26,7 +26,7 @@ from mergelab.errors import CheckpointError, ConfigError
 StateDict = dict[str, Tensor]
 
 
-class MergeMethod(ABC):
+class MergeMethod:
     """Base for training-free merges. Subclasses implement :meth:`merge_key` (one parameter)
     or override :meth:`merge` when the method needs a global pass (e.g. TIES' global trim)."""
 
@@ -35,7 +35,9 @@ class MergeMethod(ABC):
     def __init__(self) -> None:
         self.merged_keys: list[str] = []
 
-    def merge(self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> StateDict:
+    def merge(
+        self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
+    ) -> StateDict:
         out: StateDict = {}
         self.merged_keys = []
         for key, base, vals in iter_params(pretrained, experts):
@@ -64,7 +66,9 @@ class AdaptiveMerge(ABC):
         """Return merged weights for ``pool`` using the run context's Trainer settings."""
 
 
-def check_experts(pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> None:
+def check_experts(
+    pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
+) -> None:
     if len(experts) == 0:
         raise ConfigError("merge needs at least one expert, got none")
     keys = set(pretrained.keys())

@@ -45,7 +45,9 @@ def global_thresholds(
     keys = float_keys(pretrained)
     out = {}
     for task, sd in experts.items():
-        flat = torch.cat([(sd[key].float() - pretrained[key].float()).abs().reshape(-1) for key in keys])
+        flat = torch.cat(
+            [(sd[key].float() - pretrained[key].float()).abs().reshape(-1) for key in keys]
+        )
         out[task] = magnitude_threshold(flat, k)
         del flat
     return out

@@ -30,7 +30,9 @@ class Ties(MergeMethod):
 
     name = "ties"
 
-    def __init__(self, k: float = 0.2, scaling: float = 0.3, reduce: str = "sum", scope: str = "global"):
+    def __init__(
+        self, k: float = 0.2, scaling: float = 0.3, reduce: str = "sum", scope: str = "global"
+    ):
         super().__init__()
         self.k = ops.check_fraction("ties k", k)
         self.scaling = float(scaling)
@@ -41,9 +43,13 @@ class Ties(MergeMethod):
         self.reduce = reduce
         self.scope = scope
 
-    def merge(self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> StateDict:
+    def merge(
+        self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
+    ) -> StateDict:
         check_experts(pretrained, experts)
-        thresholds = ops.global_thresholds(pretrained, experts, self.k) if self.scope == "global" else None
+        thresholds = (
+            ops.global_thresholds(pretrained, experts, self.k) if self.scope == "global" else None
+        )
         out: StateDict = {}
         self.merged_keys = []
         for key, base, vals in iter_params(pretrained, experts):
@@ -85,7 +91,11 @@ def ties_task_vectors(
 
 
 def _trimmed_vectors(
-    base: Tensor, vals: list[Tensor], tasks: list[str], thresholds: dict[str, float] | None, k: float
+    base: Tensor,
+    vals: list[Tensor],
+    tasks: list[str],
+    thresholds: dict[str, float] | None,
+    k: float,
 ) -> Tensor:
     """Stack (tasks first) of the trimmed task vectors of one parameter: global thresholds
     when given, else the top-k within this tensor."""

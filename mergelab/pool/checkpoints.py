@@ -62,7 +62,12 @@ _OPEN_CLIP_CLASSES = {
     "Bottleneck",
     "AttentionPool2d",
 }
-_TASK_VECTORS_CLASSES = {"ImageEncoder", "ClassificationHead", "ImageClassifier", "MultiHeadImageClassifier"}
+_TASK_VECTORS_CLASSES = {
+    "ImageEncoder",
+    "ClassificationHead",
+    "ImageClassifier",
+    "MultiHeadImageClassifier",
+}
 _TORCH_NN = {
     "torch.nn.modules.linear": {"Linear", "Identity", "NonDynamicallyQuantizableLinear"},
     "torch.nn.modules.conv": {"Conv2d"},
@@ -86,8 +91,14 @@ MODULE_CLASSES: dict[str, set[str]] = {
 # become inert records too; their content is never used.
 OTHER_CLASSES: dict[str, set[str]] = {
     "torchvision.transforms.transforms": {
-        "Compose", "Resize", "CenterCrop", "ToTensor", "Normalize", "RandomResizedCrop",
-        "RandomHorizontalFlip", "Lambda",
+        "Compose",
+        "Resize",
+        "CenterCrop",
+        "ToTensor",
+        "Normalize",
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "Lambda",
     },
     "torchvision.transforms.functional": {"InterpolationMode"},
     "open_clip.transform": {"_convert_to_rgb", "ResizeMaxSize", "ResizeKeepRatio"},
@@ -218,7 +229,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             try:
                 raw = self._archive.read(f"{self._prefix}data/{key}")
             except KeyError:
-                raise CheckpointError(f"{self._path} is truncated: storage {key} is missing") from None
+                raise CheckpointError(
+                    f"{self._path} is truncated: storage {key} is missing"
+                ) from None
             flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(storage_type.dtype)
             if flat.numel() < int(numel):
                 raise CheckpointError(f"{self._path} is truncated at storage {key}")
@@ -247,7 +260,9 @@ def _unpickle_restricted(path: Path) -> Any:
             except CheckpointError:
                 raise
             except Exception as e:  # a malformed stream: name the file, never half-load
-                raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+                raise CheckpointError(
+                    f"cannot read checkpoint {path}: {type(e).__name__}: {e}"
+                ) from e
 
 
 def module_state(obj: PickledObject, prefix: str = "") -> StateDict:

@@ -41,7 +41,9 @@ def model_config(arch: str, model_cfg: Mapping[str, Any] | None = None) -> dict[
                 "(see open_clip.list_models())"
             )
     if "embed_dim" not in cfg or "vision_cfg" not in cfg:
-        raise ConfigError(f"model config for {arch!r} needs embed_dim and vision_cfg, got {sorted(cfg)}")
+        raise ConfigError(
+            f"model config for {arch!r} needs embed_dim and vision_cfg, got {sorted(cfg)}"
+        )
     return cfg
 
 
@@ -76,7 +78,7 @@ def clip_transform(cfg: Mapping[str, Any], preprocess: Mapping[str, Any] | None 
 def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop the ``module.`` prefix that DDP-trained open_clip checkpoints carry."""
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -122,13 +124,16 @@ def load_clip(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = open_clip.create_model(
-            arch, pretrained=str(pretrained), force_quick_gelu=quick_gelu,
-            cache_dir=str(cache_dir) if cache_dir else None, require_pretrained=True,
+            arch,
+            pretrained=str(pretrained),
+            force_quick_gelu=quick_gelu,
+            cache_dir=str(cache_dir) if cache_dir else None,
+            require_pretrained=True,
         )
     except Exception as e:
         raise CheckpointError(
             f"open_clip weights {arch}/{pretrained} are not available offline ({type(e).__name__}: "
-            f"{e}). Fetch them once with network: python -c \"import open_clip; "
+            f'{e}). Fetch them once with network: python -c "import open_clip; '
             f"open_clip.create_model('{arch}', pretrained='{pretrained}')\", or set "
             "model.pretrained to a local open_clip checkpoint file."
         ) from e
@@ -153,7 +158,9 @@ def zero_shot_weights(
     return torch.stack(rows) * float(torch.as_tensor(logit_scale).exp())
 
 
-def head_cache_path(cache_dir: str | os.PathLike, backbone_id: str, task: str, classnames, templates) -> Path:
+def head_cache_path(
+    cache_dir: str | os.PathLike, backbone_id: str, task: str, classnames, templates
+) -> Path:
     """Where a zero-shot head is cached: keyed by backbone identity, class names, templates."""
     key = json.dumps([backbone_id, list(classnames), list(templates)]).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
@@ -182,14 +189,20 @@ def openclip_zero_shot_heads(
 
     def encode(texts: list[str]) -> Tensor:
         return torch.cat(
-            [clip.encode_text(tokenizer(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+            [
+                clip.encode_text(tokenizer(texts[i : i + batch_size]))
+                for i in range(0, len(texts), batch_size)
+            ]
         )
 
     heads = {}
     for spec in specs:
         path = head_cache_path(cache_dir, backbone_id, spec.name, spec.classnames, spec.templates)
         heads[spec.name] = cached_head(
-            path, lambda spec=spec: zero_shot_weights(encode, spec.classnames, spec.prompts, clip.logit_scale)
+            path,
+            lambda spec=spec: zero_shot_weights(
+                encode, spec.classnames, spec.prompts, clip.logit_scale
+            ),
         )
     return heads
 

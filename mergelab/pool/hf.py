@@ -85,7 +85,7 @@ def _vision_keys(state_keys, expected: Mapping[str, Tensor]) -> dict[str, str]:
     have = set(keys)
     out = {}
     for k in expected:
-        bare = k[len(_PREFIX):]
+        bare = k[len(_PREFIX) :]
         out[k] = k if k in have else bare if bare in have else k
     return out
 
@@ -140,7 +140,11 @@ def cached_vision_model_state(
     digest = hashlib.sha256(file_identity(path).encode()).hexdigest()[:16]
     out = cache_dir / "converted" / f"{model_dir.name}-{digest}.safetensors"
     if not out.is_file():
-        src = LazyStateDict(path) if path.suffix == ".safetensors" else load_checkpoint(path).state_dict
+        src = (
+            LazyStateDict(path)
+            if path.suffix == ".safetensors"
+            else load_checkpoint(path).state_dict
+        )
         names = _vision_keys(list(src), expected)
         missing = [f for f in names.values() if f not in src]
         if missing:
@@ -197,7 +201,11 @@ def build_pool(
     config = tf.AutoConfig.from_pretrained(base_dir)
     vision_config = getattr(config, "vision_config", config)
     base_weights = _weights_file(base_dir)
-    base_state = LazyStateDict(base_weights) if base_weights.suffix == ".safetensors" else load_checkpoint(base_weights).state_dict
+    base_state = (
+        LazyStateDict(base_weights)
+        if base_weights.suffix == ".safetensors"
+        else load_checkpoint(base_weights).state_dict
+    )
     if "visual_projection.weight" not in base_state:
         raise CheckpointError(
             f"{base_weights}: no 'visual_projection.weight'; the base must be a full CLIPModel "
@@ -211,7 +219,8 @@ def build_pool(
     expected = factory().state_dict()
     theta0 = cached_vision_model_state(base_dir, cache, expected, "pretrained")
     expert_states = {
-        t: cached_vision_model_state(d, cache, expected, f"expert {t!r}") for t, d in expert_dirs.items()
+        t: cached_vision_model_state(d, cache, expected, f"expert {t!r}")
+        for t, d in expert_dirs.items()
     }
 
     heads_dir = Path(os.path.expanduser(heads)) if heads else None
@@ -222,7 +231,9 @@ def build_pool(
         found = _head_file(heads_dir, s.name)
         if found is not None:
             ckpt = load_checkpoint(found)
-            head = ckpt.head or ClassificationHead(ckpt.state_dict["weight"].float(), ckpt.state_dict.get("bias"))
+            head = ckpt.head or ClassificationHead(
+                ckpt.state_dict["weight"].float(), ckpt.state_dict.get("bias")
+            )
             if tuple(head.weight.shape) != (len(s.classnames), projection.shape[0]):
                 raise CheckpointError(
                     f"{found}: head shape {tuple(head.weight.shape)}, expected "
@@ -248,9 +259,14 @@ def build_pool(
                 out.append(getattr(feats, "pooler_output", feats))
             return torch.cat(out)
 
-        path = head_cache_path(cache, file_identity(base_weights), s.name, s.classnames, s.templates)
+        path = head_cache_path(
+            cache, file_identity(base_weights), s.name, s.classnames, s.templates
+        )
         head_map[k] = cached_head(
-            path, lambda s=s, enc=encode, scale=clip.logit_scale: zero_shot_weights(enc, s.classnames, s.prompts, scale)
+            path,
+            lambda s=s, enc=encode, scale=clip.logit_scale: zero_shot_weights(
+                enc, s.classnames, s.prompts, scale
+            ),
         )
         head_src[k] = f"zero-shot from {base_dir} (cached at {path})"
 

@@ -110,7 +110,9 @@ def check_compatible(
             )
     extra = [k for k in state if k not in expected]
     if extra:
-        raise CheckpointError(f"{what}: unexpected key {extra[0]!r} (not a parameter of the backbone)")
+        raise CheckpointError(
+            f"{what}: unexpected key {extra[0]!r} (not a parameter of the backbone)"
+        )
 
 
 def check_finite(state: Mapping[str, Tensor], what: str = "checkpoint") -> None:
@@ -119,7 +121,9 @@ def check_finite(state: Mapping[str, Tensor], what: str = "checkpoint") -> None:
             raise CheckpointError(f"{what}: key {k!r} holds non-finite values (NaN or inf)")
 
 
-def load_into(module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint") -> nn.Module:
+def load_into(
+    module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint"
+) -> nn.Module:
     """Strictly load ``state`` into ``module`` after checking keys, shapes and finiteness."""
     check_compatible(module.state_dict(), state, what)
     tensors = {k: state[k] for k in state}

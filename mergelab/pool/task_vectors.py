@@ -58,11 +58,13 @@ def checkpoints_root(configured: str | os.PathLike | None) -> Path:
     return Path(os.path.expanduser(str(root)))
 
 
-def vision_state(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
+def vision_state(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str
+) -> dict[str, Tensor]:
     """The image-tower weights inside ``state`` (an ImageEncoder's, a CLIP's or a bare tower's
     state dict), keyed like today's open_clip ``VisionTransformer``, checked against it."""
     for prefix in _VISION_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             break
     else:
@@ -159,7 +161,9 @@ def build_pool(
             )
         clip_model = load_clip(arch, pretrained, quick_gelu, model_cfg, cache_dir)
         theta0 = vision_state(
-            {f"visual.{k}": v for k, v in clip_model.visual.state_dict().items()}, expected, "pretrained"
+            {f"visual.{k}": v for k, v in clip_model.visual.state_dict().items()},
+            expected,
+            "pretrained",
         )
         theta0_src = str(pretrained)
 

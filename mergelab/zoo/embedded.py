@@ -74,7 +74,9 @@ class EmbeddedZoo:
         self.progress = progress
         unknown = [t for t in self.mixture if t not in zdata.TASKS]
         if unknown:
-            raise ConfigError(f"unknown embedded task {unknown[0]!r} in the pretraining mixture; valid: {', '.join(zdata.TASKS)}")
+            raise ConfigError(
+                f"unknown embedded task {unknown[0]!r} in the pretraining mixture; valid: {', '.join(zdata.TASKS)}"
+            )
         # θ0 depends only on the backbone, data and pretraining; heads and experts also on the
         # fine-tuning recipe. Two cache levels, so changing the recipe never re-pretrains.
         base_key = {
@@ -99,18 +101,29 @@ class EmbeddedZoo:
         """(x_train, y_train, x_test, y_test) as normalised tensors; cached as npz."""
         if task not in self._splits:
             d = self.data_cfg
-            path = self.base.parent.parent / "data" / config_hash({"task": task, **d}) / f"{task}.npz"
+            path = (
+                self.base.parent.parent / "data" / config_hash({"task": task, **d}) / f"{task}.npz"
+            )
             if path.exists():
                 z = np.load(path)
                 arrs = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
             else:
-                arrs = list(zdata.build_task(task, d["image_size"], d["n_train"], d["n_test"], d["seed"]))
+                arrs = list(
+                    zdata.build_task(task, d["image_size"], d["n_train"], d["n_test"], d["seed"])
+                )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.npz")
-                np.savez_compressed(tmp, x_train=arrs[0], y_train=arrs[1], x_test=arrs[2], y_test=arrs[3])
+                np.savez_compressed(
+                    tmp, x_train=arrs[0], y_train=arrs[1], x_test=arrs[2], y_test=arrs[3]
+                )
                 tmp.replace(path)
             xtr, ytr, xte, yte = arrs
-            self._splits[task] = (to_tensor(xtr), torch.from_numpy(ytr).long(), to_tensor(xte), torch.from_numpy(yte).long())
+            self._splits[task] = (
+                to_tensor(xtr),
+                torch.from_numpy(ytr).long(),
+                to_tensor(xte),
+                torch.from_numpy(yte).long(),
+            )
         return self._splits[task]
 
     def _pretrain(self) -> dict[str, Tensor]:
@@ -125,11 +138,22 @@ class EmbeddedZoo:
             xs.append(x)
             ds.append(torch.full((len(x),), i, dtype=torch.long))
         module = PretextPretrainer(
-            enc, self.embed_dim, len(self.mixture),
-            lr=c["lr"], weight_decay=c["weight_decay"], warmup=c["warmup"], steps=c["steps"],
+            enc,
+            self.embed_dim,
+            len(self.mixture),
+            lr=c["lr"],
+            weight_decay=c["weight_decay"],
+            warmup=c["warmup"],
+            steps=c["steps"],
         )
         loader = batch_loader((torch.cat(xs), torch.cat(ds)), c["batch_size"], self.seed)
-        fit(module, loader, c["steps"], f"pretraining θ0 on the {len(self.mixture)}-domain mixture (train splits)", self.progress)
+        fit(
+            module,
+            loader,
+            c["steps"],
+            f"pretraining θ0 on the {len(self.mixture)}-domain mixture (train splits)",
+            self.progress,
+        )
         return {k: v.detach().clone() for k, v in enc.state_dict().items()}
 
     @torch.no_grad()
@@ -147,18 +171,33 @@ class EmbeddedZoo:
         protos = protos / protos.norm(dim=-1, keepdim=True)
         return ClassificationHead(self.logit_scale * protos)
 
-    def _finetune(self, task: str, theta0: dict[str, Tensor], head: ClassificationHead) -> dict[str, Tensor]:
+    def _finetune(
+        self, task: str, theta0: dict[str, Tensor], head: ClassificationHead
+    ) -> dict[str, Tensor]:
         from mergelab.zoo.train import FrozenHeadFinetuner, batch_loader, fit
 
         c = self.finetune_cfg
-        torch.manual_seed(self.seed + 1 + self.mixture.index(task) if task in self.mixture else self.seed + 1)
+        torch.manual_seed(
+            self.seed + 1 + self.mixture.index(task) if task in self.mixture else self.seed + 1
+        )
         enc = self.encoder_factory()
         enc.load_state_dict(theta0)
         xtr, ytr, _, _ = self.splits(task)
         module = FrozenHeadFinetuner(
-            enc, head, lr=c["lr"], weight_decay=c["weight_decay"], warmup=c["warmup"], steps=c["steps"]
+            enc,
+            head,
+            lr=c["lr"],
+            weight_decay=c["weight_decay"],
+            warmup=c["warmup"],
+            steps=c["steps"],
         )
-        fit(module, batch_loader((xtr, ytr), c["batch_size"], self.seed), c["steps"], f"fine-tuning expert {task!r}", self.progress)
+        fit(
+            module,
+            batch_loader((xtr, ytr), c["batch_size"], self.seed),
+            c["steps"],
+            f"fine-tuning expert {task!r}",
+            self.progress,
+        )
         return {k: v.detach().clone() for k, v in enc.state_dict().items()}
 
     # ------------------------------------------------------------------ build / load
@@ -174,7 +213,10 @@ class EmbeddedZoo:
             built = True
         theta0 = None
         for task in tasks:
-            ph, pe = self.root / f"head_{task}.safetensors", self.root / f"expert_{task}.safetensors"
+            ph, pe = (
+                self.root / f"head_{task}.safetensors",
+                self.root / f"expert_{task}.safetensors",
+            )
             if ph.exists() and pe.exists():
                 continue
             theta0 = theta0 or dict(LazyStateDict(p0).items())

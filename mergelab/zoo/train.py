@@ -97,7 +97,9 @@ class FrozenHeadFinetuner(_Trainable):
         return loss
 
 
-def fit(module: L.LightningModule, loader: DataLoader, steps: int, desc: str, progress: bool) -> None:
+def fit(
+    module: L.LightningModule, loader: DataLoader, steps: int, desc: str, progress: bool
+) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
