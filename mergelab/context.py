@@ -3,6 +3,7 @@ Lightning Trainer, the loggers, the seed and the top-level ``rank``."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,18 @@ class RunContext:
     rank: int = 16
     eval_batch_size: int = 256
     num_workers: int = 0
+
+    @property
+    def device(self):
+        """Where one-off passes (feature caching, statistics, bias) run: this process's GPU
+        when the trainer config asks for one and one is visible (LOCAL_RANK under DDP),
+        else the CPU."""
+        import torch
+
+        acc = str(self.trainer.get("accelerator", "cpu")).lower()
+        if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
 
     def make_trainer(self, **overrides: Any):
         """A Lightning Trainer from the ``trainer`` config group, quiet by default.

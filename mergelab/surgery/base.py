@@ -25,7 +25,6 @@ from mergelab.surgery.lit import (
     SurgeryLit,
     TaskSource,
     extract,
-    extraction_device,
     make_schedule,
     online_schedule,
     used_indices,
@@ -199,7 +198,7 @@ class AdapterSurgery(Surgery):
             experts = {t: pool.expert_encoder(t).requires_grad_(False) for t in smodel.tasks}
             return sources, experts
 
-        device = extraction_device(ctx.trainer)
+        device = ctx.device
         bs, nw = ctx.eval_batch_size, ctx.num_workers
         sources = {}
         for t in smodel.tasks:

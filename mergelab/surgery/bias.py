@@ -29,7 +29,7 @@ from mergelab.context import RunContext
 from mergelab.errors import ConfigError
 from mergelab.pool.base import ModelPool, MultiTaskModel
 from mergelab.surgery.blocks import block_tensor, discover_blocks
-from mergelab.surgery.stats import calibration_device, unlabeled_loader
+from mergelab.surgery.stats import unlabeled_loader
 
 FINAL = "final"
 
@@ -48,7 +48,7 @@ def measure_bias(
         raise ConfigError(f"max_images must be a positive integer, got {max_images}")
     blocks = discover_blocks(model.encoder)
     names = [*blocks.names, FINAL]
-    device = calibration_device(model, ctx)
+    device = ctx.device
     per_task: dict[str, list[float]] = {}
     with _evaluating(model, device), torch.no_grad():
         for task in model.tasks:

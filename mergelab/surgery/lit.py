@@ -10,7 +10,6 @@ step) see exactly the same samples, and caching only has to cover the indices ac
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -144,15 +143,6 @@ class StepDataset(Dataset):
 
     def __getitem__(self, s: int) -> dict[str, dict[str, Tensor]]:
         return {t: self.sources[t](idx) for t, idx in self.schedule[s].items()}
-
-
-def extraction_device(trainer_cfg: Mapping) -> torch.device:
-    """Where to run one-off feature extraction: the accelerator the trainer config asks for
-    (this process's local GPU under DDP), else the CPU."""
-    acc = str(trainer_cfg.get("accelerator", "cpu")).lower()
-    if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 @torch.no_grad()

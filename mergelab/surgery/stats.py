@@ -338,7 +338,7 @@ class StatsSurgery(Surgery):
             for t in tasks
         }
         home = _param_device(model)
-        device = calibration_device(model, ctx)
+        device = ctx.device
         encoder = model.encoder
         was_training = encoder.training
         encoder.eval().to(device)
@@ -616,12 +616,3 @@ def _process_rank() -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     return int(getattr(rank_zero_only, "rank", 0) or 0)
-
-
-def calibration_device(model: nn.Module, ctx) -> torch.device:
-    """Where measurement passes run: this process's GPU when the trainer config asks for one
-    (accelerator gpu/cuda/auto) and one is visible, else wherever the model already lives."""
-    accelerator = str(getattr(ctx, "trainer", {}).get("accelerator", "cpu"))
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return _param_device(model)

@@ -21,6 +21,9 @@ import numpy as np
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
+# Bump whenever a generator's output changes: it is part of every zoo cache key.
+DATA_VERSION = 3
+
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -85,11 +88,14 @@ def _star_mask(s, cx, cy, r, rot):
     return rad <= edge
 
 
-def _shape_mask(kind: str, s: int, rng: np.random.Generator, scale=(0.28, 0.4)) -> np.ndarray:
+def _shape_mask(
+    kind: str, s: int, rng: np.random.Generator, scale=(0.28, 0.4), rot: float | None = None
+) -> np.ndarray:
+    """Boolean mask of a shape at a random position/scale; random rotation unless ``rot``."""
     r = s * rng.uniform(*scale)
     cx = s / 2 + rng.uniform(-0.12, 0.12) * s
     cy = s / 2 + rng.uniform(-0.12, 0.12) * s
-    rot = rng.uniform(0, 2 * np.pi)
+    rot = rng.uniform(0, 2 * np.pi) if rot is None else rot
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     d = np.hypot(yy - cy, xx - cx)
     if kind == "circle":
@@ -104,6 +110,10 @@ def _shape_mask(kind: str, s: int, rng: np.random.Generator, scale=(0.28, 0.4)) 
         return _polygon_mask(s, cx, cy, r, 6, rot)
     if kind == "star":
         return _star_mask(s, cx, cy, r, rot)
+    if kind == "bars":  # two parallel bars
+        u = (xx - cx) * np.cos(rot) + (yy - cy) * np.sin(rot)
+        v = -(xx - cx) * np.sin(rot) + (yy - cy) * np.cos(rot)
+        return (np.abs(v) <= r) & (np.abs(np.abs(u) - 0.5 * r) <= 0.2 * r)
     if kind == "cross":
         u = (xx - cx) * np.cos(rot) + (yy - cy) * np.sin(rot)
         v = -(xx - cx) * np.sin(rot) + (yy - cy) * np.cos(rot)
@@ -217,7 +227,9 @@ def build_gtsrb(size: int, n_train: int, n_test: int, seed: int) -> Split:
         shape = _SIGN_SHAPES[y[i] // 3]
         rim = np.array(cols[y[i] % 3], np.float32)
         bg = _smooth_noise(rng, size, 3)[..., None] * _colour(rng) * 0.7 + 0.15
-        outer = _shape_mask(shape, size, rng, (0.34, 0.46))
+        # signs stand upright: a fixed orientation per shape, slight tilt only
+        upright = {"circle": 0.0, "triangle": np.pi / 2, "square": np.pi / 4, "hexagon": 0.0}[shape]
+        outer = _shape_mask(shape, size, rng, (0.34, 0.46), rot=upright + rng.uniform(-0.1, 0.1))
         cy, cx = np.argwhere(outer).mean(0)
         yy, xx = np.mgrid[0:size, 0:size]
         inner = outer & (np.hypot(yy - cy, xx - cx) < size * rng.uniform(0.16, 0.22))
@@ -386,7 +398,7 @@ def build_objects(size: int, n_train: int, n_test: int, seed: int) -> Split:
     x = np.empty((n, size, size, 3), np.float32)
     y = rng.integers(0, len(OBJECT_CLASSES), n)
     for i in range(n):
-        m = _shape_mask(OBJECT_CLASSES[y[i]], size, rng)
+        m = _shape_mask(OBJECT_CLASSES[y[i]], size, rng, scale=(0.32, 0.44))
         bg = _colour(rng) * 0.6 + (_smooth_noise(rng, size, 7)[..., None] - 0.5) * 0.3
         fg = np.clip(1 - bg.mean((0, 1)) + rng.normal(0, 0.15, 3), 0, 1)
         img = np.where(m[..., None], fg, bg)

@@ -83,6 +83,7 @@ class EmbeddedZoo:
             "vision": self.vision,
             "embed_dim": embed_dim,
             "data": self.data_cfg,
+            "data_version": zdata.DATA_VERSION,
             "pretrain": self.pretrain_cfg,
             "mixture": self.mixture,
             "seed": seed,
@@ -102,7 +103,10 @@ class EmbeddedZoo:
         if task not in self._splits:
             d = self.data_cfg
             path = (
-                self.base.parent.parent / "data" / config_hash({"task": task, **d}) / f"{task}.npz"
+                self.base.parent.parent
+                / "data"
+                / config_hash({"task": task, "version": zdata.DATA_VERSION, **d})
+                / f"{task}.npz"
             )
             if path.exists():
                 z = np.load(path)
