@@ -36,6 +36,23 @@ def _choice(cfg: DictConfig, group: str) -> str:
         return str(cfg[group].get("name", cfg[group].get("_target_", "?")).rsplit(".", 1)[-1])
 
 
+def _label(cfg: DictConfig, group: str) -> str:
+    """The choice plus the user's overrides inside the group, e.g. "ties (k=0.1)", so that
+    sweeps over a method's hyperparameters give distinguishable rows."""
+    name = _choice(cfg, group)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        own = [
+            o.split(".", 1)[1]
+            for o in HydraConfig.get().overrides.task
+            if o.startswith(f"{group}.")
+        ]
+    except Exception:  # noqa: BLE001 — outside a Hydra app
+        own = []
+    return f"{name} ({', '.join(own)})" if own else name
+
+
 def _loggers(cfg: DictConfig) -> list:
     out = []
     for name, lcfg in (cfg.get("logger") or {}).items():
@@ -144,11 +161,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     timings["baselines_s"] = time.time() - t
 
     merge_name, surgery_name = _choice(cfg, "merge"), _choice(cfg, "surgery")
-    label = (
-        merge_name
-        if surgery_name == "none"
-        else f"{merge_name} + surgery {surgery_name} (rank {cfg.rank})"
-    )
+    label = _label(cfg, "merge")
+    if surgery_name != "none":
+        label += f" + surgery {_label(cfg, 'surgery')}"
+        if getattr(surgery, "rank", None) is not None:
+            label += f" (rank {surgery.rank})"
     rows = {
         "pretrained": base["pretrained"],
         "individual experts": base["experts"],
@@ -165,6 +182,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "merge": merge_name,
         "surgery": surgery_name,
         "rank": int(cfg.rank),
+        "label": label,
         "tasks": tasks,
         "accuracy": merged_acc,
         "avg": report.average(merged_acc),

@@ -20,20 +20,11 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     ):
         res = json.loads(path.read_text())
         tasks = tasks or res["tasks"]
-        merged = (
-            res["table"][-1]
-            if not res["table"][-1]["method"].endswith("[online]")
-            else res["table"][-2]
-        )
-        label = (
-            res["merge"]
-            if res["surgery"] == "none"
-            else f"{res['merge']} + {res['surgery']} (r{res['rank']})"
-        )
-        rows.append({**merged, "method": label, "job": path.parent.name})
-        if not any(r["method"] == "individual experts" for r in rows[:-1]):
-            for base in res["table"][:2]:
-                rows.insert(len(rows) - 1, {**base, "job": "-"})
+        # the run's own rows (merged, and online when present), after its two baseline rows
+        for row in res["table"][2:]:
+            rows.append({**row, "job": path.parent.name})
+        if not any(r["method"] == "individual experts" for r in rows):
+            rows[:0] = [{**base, "job": "-"} for base in res["table"][:2]]
     return tasks, rows
 
 
