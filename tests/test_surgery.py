@@ -379,3 +379,23 @@ def test_v2_corrected_stream_feeds_the_next_block(pool):
     # Only block 0's module changed, yet block 1's output moves: it received the corrected stream.
     assert not torch.allclose(means[1], plain["target_blocks"][:, 1], atol=1e-4)
     assert torch.allclose(other[1], plain["target_blocks"][:, 1], atol=1e-5)
+
+
+def test_v2_batched_step_loss_equals_per_task_sum(pool):
+    """One encoder pass over all tasks' rows (each routed through its own modules) gives the
+    per-task loop's loss and gradients."""
+    surgery = SurgeryV2(rank=4, seed=1)
+    model = surgery.build(merged_model(pool))
+    g = torch.Generator().manual_seed(0)
+    for p in model.surgery_parameters():  # leave the identity init: make modules differ
+        p.data.normal_(0, 0.1, generator=g)
+    batches = {}
+    for t in pool.tasks:
+        x = torch.stack([pool.test_sets[t][i][0] for i in range(5)])
+        batches[t] = {"images": x, **expert_targets(pool.expert_encoder(t), x, True)}
+    batched = surgery.step_loss(model, batches)
+    (gb,) = torch.autograd.grad(batched, [model.adapters["task1"]["block_0"].down.weight])
+    per_task = sum(surgery.loss(model, t, b) for t, b in batches.items())
+    (gp,) = torch.autograd.grad(per_task, [model.adapters["task1"]["block_0"].down.weight])
+    assert torch.allclose(batched, per_task, atol=1e-5)
+    assert torch.allclose(gb, gp, atol=1e-5) and gb.abs().sum() > 0

@@ -131,6 +131,11 @@ class AdapterSurgery(Surgery):
     def loss(self, model: SurgeryModel, task: str, batch: dict[str, Tensor]) -> Tensor:
         """The surgery objective on one task's batch (targets already in ``batch``)."""
 
+    def step_loss(self, model: SurgeryModel, batches: dict[str, dict[str, Tensor]]) -> Tensor:
+        """One optimisation step's loss: the sum of the task losses (the authors' loop).
+        Kinds that can evaluate all tasks in one pass override this (same value, faster)."""
+        return torch.stack([self.loss(model, t, b) for t, b in batches.items()]).sum()
+
     # -- the run ------------------------------------------------------------------------
     def build(self, model: MultiTaskModel) -> SurgeryModel:
         """Untrained (identity) modules on ``model``'s encoder and heads."""
@@ -166,7 +171,7 @@ class AdapterSurgery(Surgery):
 
         sources, experts = self._sources(smodel, pool, ctx, schedule)
         lit = SurgeryLit(
-            smodel, self.loss, self.lr, self.betas, self.weight_decay,
+            smodel, self.step_loss, self.lr, self.betas, self.weight_decay,
             experts=experts, with_blocks=self.block_sites, online=self.online,
         )  # fmt: skip
         loader = DataLoader(

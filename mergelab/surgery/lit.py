@@ -184,8 +184,8 @@ class SurgeryLit(L.LightningModule):
     """Trains only the surgery modules of ``model`` (Adam, Surgery §4.2); the merged backbone
     and the heads are frozen.
 
-    A step's batch is ``task → dict``; the task losses ``loss_fn(model, task, batch)`` are
-    summed. When a task's batch carries no ``"target"`` (the reference loop, ``cache: false``),
+    A step's batch is ``task → dict``; ``loss_fn(model, batches)`` returns the step's loss,
+    the sum of the task losses. When a task's batch carries no ``"target"`` (the reference loop, ``cache: false``),
     the expert in ``experts[task]`` is re-run on the batch's images to produce it. With
     ``online``, after each optimiser step every sample of the step is predicted with the
     updated modules (adapt, then predict) and scored against its label.
@@ -235,8 +235,7 @@ class SurgeryLit(L.LightningModule):
         return {**batch, **expert_targets(self.experts[task], batch["images"], self.with_blocks)}
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        losses = [self.loss_fn(self.model, t, self._with_targets(t, b)) for t, b in batch.items()]
-        loss = torch.stack(losses).sum()
+        loss = self.loss_fn(self.model, {t: self._with_targets(t, b) for t, b in batch.items()})
         self._history.append(loss.detach())
         if self.loggers:  # Lightning's logging costs ~1 ms a step: skip it when nobody listens
             n = sum(int(b["label"].numel()) for b in batch.values())

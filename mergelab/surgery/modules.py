@@ -130,7 +130,14 @@ class SurgeryModel(MultiTaskModel):
             task = self._active
             if task is None:  # not routing: the plain merged model
                 return None
-            z = self.adapters[task][site](block_tensor(output))
+            h = block_tensor(output)
+            if isinstance(task, str):
+                z = self.adapters[task][site](h)
+            else:  # a multi-task batch: consecutive segments, each through its task's module
+                dim = 1 - self.blocks.token_dim  # the batch dim of the token tensor
+                z = torch.cat(
+                    [self.adapters[t][site](h.narrow(dim, a, b - a)) for t, a, b in task], dim=dim
+                )
             if self._record is not None:
                 self._record.append(z.mean(dim=self.blocks.token_dim))
             return with_block_tensor(output, z)
@@ -149,6 +156,21 @@ class SurgeryModel(MultiTaskModel):
         self._record = [] if record else (prev[1] if prev[0] == task else None)
         try:
             yield self._record if self._record is not None else []
+        finally:
+            self._active, self._record = prev
+
+    @contextmanager
+    def route_segments(self, segments: list[tuple[str, int, int]]) -> Iterator[list[Tensor]]:
+        """Route one concatenated batch of several tasks: rows ``[a, b)`` belong to task ``t``
+        for each ``(t, a, b)``. Yields the list receiving every corrected block's token mean
+        (all rows), like ``route(..., record=True)``. Blocks treat samples independently, so
+        this equals routing each task's rows on their own, in one encoder pass."""
+        for t, _, _ in segments:
+            self._check_task(t)
+        prev = (self._active, self._record)
+        self._active, self._record = list(segments), []
+        try:
+            yield self._record
         finally:
             self._active, self._record = prev
 

@@ -15,12 +15,13 @@ input of later blocks.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mergelab.errors import ConfigError
 from mergelab.surgery.base import AdapterSurgery
-from mergelab.surgery.modules import SurgeryModel
+from mergelab.surgery.modules import FINAL_SITE, SurgeryModel
 
 
 class SurgeryV2(AdapterSurgery):
@@ -44,3 +45,32 @@ class SurgeryV2(AdapterSurgery):
         for i, m in enumerate(means):
             loss = loss + F.l1_loss(m, targets[:, i])
         return loss
+
+    def step_loss(self, model: SurgeryModel, batches: dict[str, dict[str, Tensor]]) -> Tensor:
+        """Σ_t loss(t) with ONE encoder pass over all tasks' images: the rows of each task go
+        through that task's block modules (blocks treat samples independently, so this is the
+        per-task loop's value), then each task's final module and L1 terms on its rows."""
+        if not self.cache or len(batches) == 1:  # the reference loop stays per task
+            return super().step_loss(model, batches)
+        segments, start = [], 0
+        for t, b in batches.items():
+            n = b["images"].shape[0]
+            segments.append((t, start, start + n))
+            start += n
+        images = torch.cat([b["images"] for b in batches.values()])
+        with model.route_segments(segments) as means:
+            f = model.encoder(images)
+        if len(means) != len(model.blocks):
+            raise ConfigError(
+                f"SurgeryV2 recorded {len(means)} blocks, expected {len(model.blocks)}"
+            )
+        total = images.new_zeros(())
+        for t, a, b in segments:
+            batch = batches[t]
+            total = total + F.l1_loss(
+                model.adapters[t][FINAL_SITE](f[a:b]), batch["target"].detach()
+            )
+            targets = batch["target_blocks"].detach()
+            for i, m in enumerate(means):
+                total = total + F.l1_loss(m[a:b], targets[:, i])
+        return total
