@@ -24,14 +24,21 @@ def check_fraction(name: str, value: float) -> float:
 def magnitude_threshold(values: Tensor, k: float) -> float:
     """The smallest |value| kept when keeping the top-``k`` fraction of ``values`` by
     magnitude (TIES "trim"). k = 1 keeps everything; k = 0 keeps nothing (+inf)."""
-    n = values.numel()
+    return _kth_largest_abs_inplace(values.detach().abs().reshape(-1).float().contiguous(), k)
+
+
+def _kth_largest_abs_inplace(flat_abs: Tensor, k: float) -> float:
+    """Selection (introselect, O(n)) on a float32 CPU vector of magnitudes that the caller
+    owns: it is partitioned in place, so no second copy is made."""
+    n = flat_abs.numel()
     keep = int(round(k * n))
     if keep <= 0:
         return float("inf")
     if keep >= n:
         return 0.0
-    # kthvalue is the keep-th largest = (n - keep + 1)-th smallest
-    return float(values.abs().reshape(-1).float().kthvalue(n - keep + 1).values)
+    arr = flat_abs.cpu().numpy()
+    arr.partition(n - keep)  # the keep-th largest lands at index n - keep
+    return float(arr[n - keep])
 
 
 def global_thresholds(
@@ -39,17 +46,25 @@ def global_thresholds(
 ) -> dict[str, float]:
     """Per task, the TIES trim threshold over the task's WHOLE flattened task vector.
 
-    Streams one task at a time: peak extra memory is one flattened |τt| (float32), never
-    N models.
+    Streams one task at a time into one preallocated vector of |τt| and selects in place:
+    peak extra memory is one model-sized float32 vector, never N models.
     """
     keys = float_keys(pretrained)
+    total = sum(pretrained[key].numel() for key in keys)
+    flat = torch.empty(total, dtype=torch.float32)
     out = {}
     for task, sd in experts.items():
-        flat = torch.cat(
-            [(sd[key].float() - pretrained[key].float()).abs().reshape(-1) for key in keys]
-        )
-        out[task] = magnitude_threshold(flat, k)
-        del flat
+        at = 0
+        for key in keys:
+            n = pretrained[key].numel()
+            torch.sub(
+                sd[key].float().reshape(-1),
+                pretrained[key].float().reshape(-1),
+                out=flat[at : at + n],
+            )
+            at += n
+        flat.abs_()
+        out[task] = _kth_largest_abs_inplace(flat, k)
     return out
 
 
