@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,21 @@ def _loggers(cfg: DictConfig) -> list:
     return out
 
 
+@contextmanager
+def _finalizing(loggers: list) -> Iterator[None]:
+    """Close every logger whatever happens (a failed run is marked failed, e.g. in W&B)."""
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    finally:
+        for lg in loggers:
+            try:
+                lg.finalize(status)
+            except Exception as e:  # noqa: BLE001 — closing a logger must not mask the run's error
+                log.warning("could not finalize logger %s: %s", type(lg).__name__, e)
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets our own errors through: Hydra wraps exceptions
     raised inside a ``_target_`` in InstantiationException, which would turn a clear
@@ -99,107 +116,110 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"merge config builds {type(method).__name__}, expected a merge method")
     surgery = build(cfg.surgery)
     loggers = _loggers(cfg)
-    ctx = RunContext(
-        out_dir=out_dir,
-        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
-        loggers=loggers,
-        seed=int(cfg.seed),
-        rank=int(cfg.rank),
-        eval_batch_size=int(cfg.eval.batch_size),
-        num_workers=int(cfg.eval.num_workers),
-    )
-
-    t = time.time()
-    pool = build(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
-    timings["pool_s"] = time.time() - t
-
-    t = time.time()
-    if isinstance(method, AdaptiveMerge):
-        merged = method.fit(pool, ctx)
-    else:
-        merged = method.merge(pool.pretrained, pool.experts)
-    timings["merge_s"] = time.time() - t
-    model = MultiTaskModel(pool.encoder(merged, "merged model"), pool.heads)
-
-    analysis = cfg.get("analysis") or {}
-    bias_before = None
-    if analysis.get("bias", False):
-        t = time.time()
-        bias_before = measure_bias(model, pool, ctx, int(analysis.max_images))
-        timings["bias_s"] = time.time() - t
-
-    t = time.time()
-    model = surgery.apply(model, pool, ctx)
-    timings["surgery_s"] = time.time() - t
-
-    bias = None
-    if bias_before is not None:
-        t = time.time()
-        after = (
-            bias_before
-            if isinstance(surgery, NoSurgery)
-            else measure_bias(model, pool, ctx, int(analysis.max_images))
+    with _finalizing(loggers):
+        ctx = RunContext(
+            out_dir=out_dir,
+            trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+            loggers=loggers,
+            seed=int(cfg.seed),
+            rank=int(cfg.rank),
+            eval_batch_size=int(cfg.eval.batch_size),
+            num_workers=int(cfg.eval.num_workers),
         )
-        bias = {"before": bias_before, "after": after}
-        plot_bias(bias_before, None if after is bias_before else after, out_dir / "bias.png")
-        plot_projection(
-            model,
-            pool,
-            tasks[: int(analysis.projection_tasks)],
-            out_dir / "projection.png",
-            int(analysis.max_images),
-            int(cfg.seed),
-        )
-        timings["bias_s"] += time.time() - t
 
-    t = time.time()
-    merged_acc = evaluate(model, pool.test_sets, pool.heads, ctx, tasks)
-    timings["eval_s"] = time.time() - t
+        t = time.time()
+        pool = build(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
+        timings["pool_s"] = time.time() - t
 
-    t = time.time()
-    base = baselines(pool, ctx, cfg.paths.cache_dir)
-    timings["baselines_s"] = time.time() - t
+        t = time.time()
+        if isinstance(method, AdaptiveMerge):
+            merged = method.fit(pool, ctx)
+        else:
+            merged = method.merge(pool.pretrained, pool.experts)
+        timings["merge_s"] = time.time() - t
+        model = MultiTaskModel(pool.encoder(merged, "merged model"), pool.heads)
 
-    merge_name, surgery_name = _choice(cfg, "merge"), _choice(cfg, "surgery")
-    label = _label(cfg, "merge")
-    if surgery_name != "none":
-        label += f" + surgery {_label(cfg, 'surgery')}"
-        if getattr(surgery, "rank", None) is not None:
-            label += f" (rank {surgery.rank})"
-    rows = {
-        "pretrained": base["pretrained"],
-        "individual experts": base["experts"],
-        label: merged_acc,
-    }
-    online = getattr(model, "online_accuracy", None)
-    if online:
-        rows[f"{label} [online]"] = online
-    table = report.build_rows(tasks, rows)
-    timings["total_s"] = time.time() - t_start
-    results: dict[str, Any] = {
-        "family": pool.family,
-        "backbone": pool.backbone,
-        "merge": merge_name,
-        "surgery": surgery_name,
-        "rank": int(cfg.rank),
-        "label": label,
-        "tasks": tasks,
-        "accuracy": merged_acc,
-        "avg": report.average(merged_acc),
-        "normalized": report.normalized(merged_acc, base["experts"]),
-        "baselines": base,
-        "table": table,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "pool_meta": pool.meta,
-        "representation_bias": bias,
-    }
-    extra = getattr(model, "report", None)
-    if callable(extra):
-        results.update(extra())
-    report.write_results(out_dir, results)
-    report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
-    images = {p.stem: p for p in sorted(out_dir.glob("*.png"))}  # bias, projection, coefficients
-    report.log_to_loggers(loggers, results, results["config"], images)
-    log.info("results written to %s", out_dir)
-    return results
+        analysis = cfg.get("analysis") or {}
+        bias_before = None
+        if analysis.get("bias", False):
+            t = time.time()
+            bias_before = measure_bias(model, pool, ctx, int(analysis.max_images))
+            timings["bias_s"] = time.time() - t
+
+        t = time.time()
+        model = surgery.apply(model, pool, ctx)
+        timings["surgery_s"] = time.time() - t
+
+        bias = None
+        if bias_before is not None:
+            t = time.time()
+            after = (
+                bias_before
+                if isinstance(surgery, NoSurgery)
+                else measure_bias(model, pool, ctx, int(analysis.max_images))
+            )
+            bias = {"before": bias_before, "after": after}
+            plot_bias(bias_before, None if after is bias_before else after, out_dir / "bias.png")
+            plot_projection(
+                model,
+                pool,
+                tasks[: int(analysis.projection_tasks)],
+                out_dir / "projection.png",
+                int(analysis.max_images),
+                int(cfg.seed),
+            )
+            timings["bias_s"] += time.time() - t
+
+        t = time.time()
+        merged_acc = evaluate(model, pool.test_sets, pool.heads, ctx, tasks)
+        timings["eval_s"] = time.time() - t
+
+        t = time.time()
+        base = baselines(pool, ctx, cfg.paths.cache_dir)
+        timings["baselines_s"] = time.time() - t
+
+        merge_name, surgery_name = _choice(cfg, "merge"), _choice(cfg, "surgery")
+        label = _label(cfg, "merge")
+        if surgery_name != "none":
+            label += f" + surgery {_label(cfg, 'surgery')}"
+            if getattr(surgery, "rank", None) is not None:
+                label += f" (rank {surgery.rank})"
+        rows = {
+            "pretrained": base["pretrained"],
+            "individual experts": base["experts"],
+            label: merged_acc,
+        }
+        online = getattr(model, "online_accuracy", None)
+        if online:
+            rows[f"{label} [online]"] = online
+        table = report.build_rows(tasks, rows)
+        timings["total_s"] = time.time() - t_start
+        results: dict[str, Any] = {
+            "family": pool.family,
+            "backbone": pool.backbone,
+            "merge": merge_name,
+            "surgery": surgery_name,
+            "rank": int(cfg.rank),
+            "label": label,
+            "tasks": tasks,
+            "accuracy": merged_acc,
+            "avg": report.average(merged_acc),
+            "normalized": report.normalized(merged_acc, base["experts"]),
+            "baselines": base,
+            "table": table,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "pool_meta": pool.meta,
+            "representation_bias": bias,
+        }
+        extra = getattr(model, "report", None)
+        if callable(extra):
+            results.update(extra())
+        report.write_results(out_dir, results)
+        report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
+        images = {
+            p.stem: p for p in sorted(out_dir.glob("*.png"))
+        }  # bias, projection, coefficients
+        report.log_to_loggers(loggers, results, results["config"], images)
+        log.info("results written to %s", out_dir)
+        return results
