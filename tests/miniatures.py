@@ -208,6 +208,38 @@ def make_image_folders(
 # --- FusionBench (HF) ---------------------------------------------------------------------
 
 
+# A tiny CLIP BPE vocabulary: every single character the prompts use, bare and word-final
+# ("</w>"), then CLIP's two special tokens; no merges, so each character is one token.
+_TOKEN_PIECES = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,:;'-/()&")
+TINY_VOCAB_SIZE = 99
+TINY_CONTEXT = 77  # CLIP's context length; character-level prompts need the room
+
+
+def tiny_clip_vocab() -> dict[str, int]:
+    """vocab.json of a tiny CLIP tokenizer (special tokens last, as in CLIP's)."""
+    pieces = _TOKEN_PIECES + [p + "</w>" for p in _TOKEN_PIECES]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    assert len(vocab) <= TINY_VOCAB_SIZE
+    return vocab
+
+
+def save_tiny_clip_tokenizer(model_dir: Path) -> None:
+    """Write a tiny ``CLIPTokenizer`` next to a saved model (its save_pretrained files), built
+    locally from a hand-written vocab.json + empty merges.txt."""
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as src:
+        (Path(src) / "vocab.json").write_text(json.dumps(tiny_clip_vocab()))
+        (Path(src) / "merges.txt").write_text("#version: 0.2\n")
+        tok = CLIPTokenizer.from_pretrained(src, model_max_length=TINY_CONTEXT)
+    tok.save_pretrained(model_dir)
+
+
 def tiny_hf_configs():
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
@@ -225,17 +257,24 @@ def tiny_hf_configs():
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
-        vocab_size=99,
-        max_position_embeddings=16,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=TINY_CONTEXT,
         projection_dim=16,
+        # the ids of tiny_clip_vocab()'s special tokens (CLIP pools the first end-of-text)
+        bos_token_id=len(_TOKEN_PIECES) * 2,
+        eos_token_id=len(_TOKEN_PIECES) * 2 + 1,
+        pad_token_id=len(_TOKEN_PIECES) * 2 + 1,
     )
     return CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
     ), vision
 
 
-def make_fusionbench_root(root: Path, tasks: list[str], seed: int = 0) -> dict:
-    """``<root>/clip-vit-base-patch32`` (a tiny CLIPModel) and
+def make_fusionbench_root(
+    root: Path, tasks: list[str], seed: int = 0, tokenizer: bool = True
+) -> dict:
+    """``<root>/clip-vit-base-patch32`` (a tiny CLIPModel, with a tiny tokenizer unless
+    ``tokenizer=False``) and
     ``<root>/clip-vit-base-patch32_<task>`` (CLIPVisionModel experts), via save_pretrained;
     plus ``<root>/heads/head_<Task>.safetensors``. Returns the reference models."""
     from transformers import CLIPModel, CLIPVisionModel
@@ -247,6 +286,8 @@ def make_fusionbench_root(root: Path, tasks: list[str], seed: int = 0) -> dict:
     torch.manual_seed(seed)
     base = CLIPModel(cfg).eval()
     base.save_pretrained(root / "clip-vit-base-patch32")
+    if tokenizer:
+        save_tiny_clip_tokenizer(root / "clip-vit-base-patch32")
     ref = {"base": base, "experts": {}, "heads": {}}
     g = torch.Generator().manual_seed(seed + 1)
     for i, t in enumerate(tasks):

@@ -52,3 +52,11 @@ def test_every_yaml_composes(group, tiny_cache):
     for name in names(group):
         cfg = compose([f"{group}={name}"], tiny_cache)
         assert cfg[group] is not None or group == "logger"
+
+
+def test_experiment_presets_compose(tiny_cache):
+    cfg = compose(["experiment=adamerging_surgery"], tiny_cache)
+    assert cfg.merge._target_.endswith("AdaMerging") and cfg.merge.granularity == "layer"
+    assert cfg.surgery._target_.endswith("SurgeryV1") and cfg.surgery.rank == cfg.rank
+    assert names("experiment") == ["adamerging_surgery", "surgery_sweep"]
+    compose(["experiment=surgery_sweep"], tiny_cache)

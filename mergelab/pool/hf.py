@@ -226,7 +226,44 @@ def build_pool(
     heads_dir = Path(os.path.expanduser(heads)) if heads else None
     head_map: dict[str, nn.Module] = {}
     head_src: dict[str, str] = {}
-    clip = tokenizer = None
+    text: dict[str, Any] = {}  # the base CLIP model and tokenizer, loaded on first need
+
+    def text_tower() -> tuple[Any, Any]:
+        # Only when a head is not cached yet: cached heads need neither the text tower nor the
+        # tokenizer files.
+        if not text:
+            try:
+                text["clip"] = tf.CLIPModel.from_pretrained(base_dir).eval()
+                text["tokenizer"] = tf.AutoTokenizer.from_pretrained(base_dir)
+            except Exception as e:
+                raise CheckpointError(
+                    f"cannot build zero-shot heads from {base_dir} ({type(e).__name__}: {e}); "
+                    f"give head files as model.heads=<dir>/head_<Task>.safetensors"
+                ) from None
+        return text["clip"], text["tokenizer"]
+
+    def encode(texts: list[str]) -> Tensor:
+        clip, tokenizer = text_tower()
+        # Truncate to the text tower's context (a long class name must not overflow its
+        # position table); CLIP's tokenizer keeps the end-of-text token it pools.
+        context = int(clip.config.text_config.max_position_embeddings)
+        out = []
+        for i in range(0, len(texts), text_batch_size):
+            tok = tokenizer(
+                texts[i : i + text_batch_size],
+                padding=True,
+                truncation=True,
+                max_length=context,
+                return_tensors="pt",
+            )
+            feats = clip.get_text_features(**tok)
+            out.append(getattr(feats, "pooler_output", feats))
+        return torch.cat(out)
+
+    def zero_shot(spec: TaskSpec) -> Tensor:
+        clip, _ = text_tower()
+        return zero_shot_weights(encode, spec.classnames, spec.prompts, clip.logit_scale)
+
     for k, s in zip(keys, specs):
         found = _head_file(heads_dir, s.name)
         if found is not None:
@@ -241,33 +278,10 @@ def build_pool(
                 )
             head_map[k], head_src[k] = head, str(found)
             continue
-        if clip is None:
-            try:
-                clip = tf.CLIPModel.from_pretrained(base_dir).eval()
-                tokenizer = tf.AutoTokenizer.from_pretrained(base_dir)
-            except Exception as e:
-                raise CheckpointError(
-                    f"cannot build zero-shot heads from {base_dir} ({type(e).__name__}: {e}); give "
-                    f"head files as model.heads=<dir>/head_<Task>.safetensors"
-                ) from None
-
-        def encode(texts: list[str], clip=clip, tokenizer=tokenizer) -> Tensor:
-            out = []
-            for i in range(0, len(texts), text_batch_size):
-                tok = tokenizer(texts[i : i + text_batch_size], padding=True, return_tensors="pt")
-                feats = clip.get_text_features(**tok)
-                out.append(getattr(feats, "pooler_output", feats))
-            return torch.cat(out)
-
         path = head_cache_path(
             cache, file_identity(base_weights), s.name, s.classnames, s.templates
         )
-        head_map[k] = cached_head(
-            path,
-            lambda s=s, enc=encode, scale=clip.logit_scale: zero_shot_weights(
-                enc, s.classnames, s.prompts, scale
-            ),
-        )
+        head_map[k] = cached_head(path, lambda s=s: zero_shot(s))
         head_src[k] = f"zero-shot from {base_dir} (cached at {path})"
 
     transform = clip_transform({"vision_cfg": {"image_size": int(vision_config.image_size)}})
