@@ -210,7 +210,7 @@ def make_image_folders(
 
 # A tiny CLIP BPE vocabulary: every single character the prompts use, bare and word-final
 # ("</w>"), then CLIP's two special tokens; no merges, so each character is one token.
-_TOKEN_PIECES = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,:;'-/()&")
+_TOKEN_PIECES = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,:;'\"!-/&")
 TINY_VOCAB_SIZE = 99
 TINY_CONTEXT = 77  # CLIP's context length; character-level prompts need the room
 
@@ -299,3 +299,54 @@ def make_fusionbench_root(
         save_state_dict({"weight": w}, root / "heads" / f"head_{t}.safetensors")
         ref["heads"][t] = w
     return ref
+
+
+# --- Hugging Face datasets ----------------------------------------------------------------
+
+
+def tiny_hf_dataset(n_classes: int, n: int, seed: int = 0, mode: str = "RGB"):
+    """A ``datasets.Dataset`` of ``n`` random images (sizes vary, as in real sets) with an
+    ``image`` and a ``label`` column, like the benchmark's HF datasets."""
+    import datasets
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    channels = {"RGB": 3, "L": 1}[mode]
+    images, labels = [], []
+    for i in range(n):
+        side = 8 + 2 * (i % 3)
+        arr = (torch.rand(side, side, channels, generator=g) * 255).to(torch.uint8).numpy()
+        images.append(Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode=mode))
+        labels.append(int(torch.randint(n_classes, (1,), generator=g)))
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=n_classes)}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def write_hf_dataset_repo(folder: Path, splits: dict, config: str | None = None) -> None:
+    """A dataset repository as the Hub serves it: ``data/<split>-00000-of-00001.parquet`` (or
+    ``<config>/<split>-...`` with a README declaring the config, as ufldl-stanford/svhn does)."""
+    sub = config or "data"
+    (folder / sub).mkdir(parents=True, exist_ok=True)
+    for split, ds in splits.items():
+        ds.to_parquet(str(folder / sub / f"{split}-00000-of-00001.parquet"))
+    if config:
+        files = "".join(f"  - split: {split}\n    path: {config}/{split}-*\n" for split in splits)
+        (folder / "README.md").write_text(
+            f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{files}---\n"
+        )
+
+
+def write_hub_cache_snapshot(
+    hub_cache: Path, repo_id: str, splits: dict, config: str | None = None
+) -> Path:
+    """What ``huggingface-cli download --repo-type dataset <repo_id>`` leaves in the hub cache:
+    ``datasets--<owner>--<name>/{refs/main, snapshots/<commit>/...}``. Returns the snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / ("datasets--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    write_hf_dataset_repo(snapshot, splits, config)
+    return snapshot

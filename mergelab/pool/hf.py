@@ -50,6 +50,8 @@ FUSIONBENCH_NAMES = {
 _PREFIX = "vision_model."
 # Keys older transformers saved that are not parameters of the model (a constant buffer).
 _IGNORED_SUFFIXES = ("position_ids",)
+# A CLIP tokenizer's files (fast tokenizer, or the BPE vocabulary with merges.txt).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 def _transformers():
@@ -232,6 +234,14 @@ def build_pool(
         # Only when a head is not cached yet: cached heads need neither the text tower nor the
         # tokenizer files.
         if not text:
+            # transformers >= 5 silently builds an empty-vocabulary CLIP tokenizer when the
+            # folder has no tokenizer files, which would give every class the same head row.
+            if not any((base_dir / f).is_file() for f in _TOKENIZER_FILES):
+                raise CheckpointError(
+                    f"cannot build zero-shot heads: no tokenizer in {base_dir} (expected one of "
+                    f"{', '.join(_TOKENIZER_FILES)}); download the full {base!r} repository, or "
+                    "give head files as model.heads=<dir>/head_<Task>.safetensors"
+                )
             try:
                 text["clip"] = tf.CLIPModel.from_pretrained(base_dir).eval()
                 text["tokenizer"] = tf.AutoTokenizer.from_pretrained(base_dir)

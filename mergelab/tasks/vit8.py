@@ -1036,8 +1036,31 @@ def _load_local(spec: TaskSpec, root: Path, transform: Callable | None) -> Datas
     return None
 
 
-def _load_hf(spec: TaskSpec, transform: Callable | None, split: str) -> Dataset:
-    """A Hugging Face dataset from the local cache only (never downloads)."""
+def _hf_local_dirs(spec: TaskSpec, root: Path | None) -> list[Path]:
+    """Folders under the data root that may hold the task's HF dataset: ``<root>/<owner>/<name>``
+    (the repo id as a path) or ``<root>/<name>``."""
+    if root is None or spec.hf_dataset is None:
+        return []
+    return [root / spec.hf_dataset, root / spec.hf_dataset.split("/")[-1]]
+
+
+def _hf_split(ds, spec: TaskSpec, split: str, where: str):
+    """The ``split`` of a DatasetDict (a Dataset is taken as that split already)."""
+    if hasattr(ds, "keys") and not hasattr(ds, "features"):
+        if split not in ds:
+            raise ConfigError(f"{spec.name}: {where} has splits {sorted(ds)}, expected {split!r}")
+        return ds[split]
+    return ds
+
+
+def _load_hf(spec: TaskSpec, transform: Callable | None, split: str, root: Path | None) -> Dataset:
+    """The task's Hugging Face dataset, offline only (never downloads), from the first of:
+
+    1. ``<root>/<owner>/<name>`` or ``<root>/<name>``: a ``save_to_disk`` folder, or a copy of
+       the dataset repository (``huggingface-cli download --repo-type dataset <id> --local-dir``);
+    2. the ``datasets`` cache (``datasets.load_dataset(<id>)`` run once with network);
+    3. the hub cache (``huggingface-cli download --repo-type dataset <id>``).
+    """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
@@ -1046,15 +1069,72 @@ def _load_hf(spec: TaskSpec, transform: Callable | None, split: str) -> Dataset:
             f"{spec.name}: reading Hugging Face datasets needs the `datasets` package "
             "(pip install datasets)"
         ) from None
+    # The environment variable only counts before `datasets` is first imported; the flag is
+    # what load_dataset consults, so keep it on for this call whatever the import order was.
+    # (HF_DATASETS_OFFLINE in datasets < 3, HF_HUB_OFFLINE since.)
+    flags = {
+        n: getattr(datasets.config, n)
+        for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        if hasattr(datasets.config, n)
+    }
+    for n in flags:
+        setattr(datasets.config, n, True)
     try:
-        ds = datasets.load_dataset(spec.hf_dataset, spec.hf_config, split=split)
-    except Exception as e:
-        raise ConfigError(
-            f"{spec.name}: the Hugging Face dataset {spec.hf_dataset!r} (split {split!r}) is not "
-            f"in the local cache ({type(e).__name__}: {e}); fetch it once on a machine with network "
-            f"via datasets.load_dataset({spec.hf_dataset!r})"
-        ) from e
+        ds = _load_hf_offline(datasets, spec, split, root)
+    finally:
+        for n, v in flags.items():
+            setattr(datasets.config, n, v)
+    for col in (spec.hf_image_column, spec.hf_label_column):
+        if col not in ds.column_names:
+            raise ConfigError(
+                f"{spec.name}: the Hugging Face dataset has columns {ds.column_names}, expected "
+                f"{spec.hf_image_column!r} (images) and {spec.hf_label_column!r} (labels)"
+            )
     return _Transformed(ds, transform, spec.hf_image_column, spec.hf_label_column)
+
+
+def _load_hf_offline(datasets, spec: TaskSpec, split: str, root: Path | None):
+    for folder in _hf_local_dirs(spec, root):
+        if not folder.is_dir():
+            continue
+        saved = any(
+            (folder / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json")
+        )
+        try:
+            if saved:
+                return _hf_split(datasets.load_from_disk(str(folder)), spec, split, str(folder))
+            return datasets.load_dataset(str(folder), spec.hf_config, split=split)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(
+                f"{spec.name}: cannot read the Hugging Face dataset in {folder} "
+                f"({type(e).__name__}: {e}); expected a save_to_disk folder or a copy of the "
+                f"{spec.hf_dataset!r} repository"
+            ) from None
+    try:  # the datasets cache (also consults the hub cache in recent versions)
+        return datasets.load_dataset(spec.hf_dataset, spec.hf_config, split=split)
+    except Exception as e:
+        first = e
+    try:  # a hub-cache snapshot on its own (huggingface-cli download, no datasets cache)
+        from huggingface_hub import snapshot_download
+
+        snap = snapshot_download(spec.hf_dataset, repo_type="dataset", local_files_only=True)
+    except Exception:
+        snap = None
+    if snap is not None:
+        try:
+            return datasets.load_dataset(snap, spec.hf_config, split=split)
+        except Exception as e:
+            first = e
+    where = ", ".join(str(p) for p in _hf_local_dirs(spec, root))
+    raise ConfigError(
+        f"{spec.name}: the Hugging Face dataset {spec.hf_dataset!r} (split {split!r}) is not "
+        f"available offline ({type(first).__name__}: {first}); fetch it once on a machine with "
+        f"network via datasets.load_dataset({spec.hf_dataset!r}) or `huggingface-cli download "
+        f"--repo-type dataset {spec.hf_dataset}`"
+        + (f", or put a save_to_disk copy at {where}" if where else "")
+    ) from None
 
 
 def load_test_set(
@@ -1074,7 +1154,9 @@ def load_test_set(
     if source not in ("auto", "local", "hf"):
         raise ConfigError(f"data source must be auto, local or hf, got {source!r}")
     ds = None
-    if source in ("auto", "local"):
+    configured = root or os.environ.get("MERGELAB_DATA")
+    # "auto" with no data root configured goes straight to Hugging Face; "local" needs one.
+    if source == "local" or (source == "auto" and configured):
         base = data_root(root)
         ds = _load_local(spec, base, transform)
         if ds is None and source == "local":
@@ -1086,9 +1168,9 @@ def load_test_set(
         if spec.hf_dataset is None:
             raise ConfigError(f"{spec.name}: no local data and no Hugging Face dataset known")
         try:
-            ds = _load_hf(spec, transform, "test")
+            ds = _load_hf(spec, transform, "test", data_root(root) if configured else None)
         except ConfigError as e:
-            if source == "hf":
+            if source == "hf" or not configured:
                 raise
             raise ConfigError(
                 f"{spec.name}: test data not found; expected an image folder (one sub-folder per "
