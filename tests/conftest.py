@@ -58,3 +58,25 @@ def run_cli(tiny_cache):
         return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
     return _run
+
+
+class RecordingLogger:
+    """A minimal Lightning-logger stand-in that records what the pipeline did with it."""
+
+    instances: list = []
+
+    def __init__(self):
+        self.metrics, self.finalized = {}, None
+        RecordingLogger.instances.append(self)
+
+    def log_hyperparams(self, params):
+        self.params = params
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def save(self):
+        pass
+
+    def finalize(self, status):
+        self.finalized = status

@@ -60,3 +60,30 @@ def test_experiment_presets_compose(tiny_cache):
     assert cfg.surgery._target_.endswith("SurgeryV1") and cfg.surgery.rank == cfg.rank
     assert names("experiment") == ["adamerging_surgery", "surgery_sweep"]
     compose(["experiment=surgery_sweep"], tiny_cache)
+
+
+@pytest.mark.parametrize(
+    "tasks,status", [("[mnist,gtsrb,dtd]", "success"), ("[mnist,bogus]", "failed")]
+)
+def test_loggers_receive_metrics_and_are_finalized_even_on_failure(
+    tiny_cache, tmp_path, tasks, status
+):
+    from conftest import RecordingLogger
+
+    from mergelab.errors import ConfigError
+
+    RecordingLogger.instances.clear()
+    cfg = compose(
+        [f"tasks.names={tasks}", "+logger.rec._target_=conftest.RecordingLogger"], tiny_cache
+    )
+    if status == "failed":
+        with pytest.raises(ConfigError, match="bogus"):
+            run(cfg, tmp_path)
+        assert not (tmp_path / "results.json").exists()
+    else:
+        res = run(cfg, tmp_path)
+        assert RecordingLogger.instances[0].metrics["acc/avg"] == pytest.approx(
+            res["table"][-1]["avg"]
+        )
+    (lg,) = RecordingLogger.instances
+    assert lg.finalized == status
