@@ -143,7 +143,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         bias_before = None
         if analysis.get("bias", False):
             t = time.time()
-            bias_before = measure_bias(model, pool, ctx, int(analysis.max_images))
+            expert_reprs: dict = {}  # shared by the before/after calls: each expert runs once
+            bias_before = measure_bias(model, pool, ctx, int(analysis.max_images), expert_reprs)
             timings["bias_s"] = time.time() - t
 
         t = time.time()
@@ -156,7 +157,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             after = (
                 bias_before
                 if isinstance(surgery, NoSurgery)
-                else measure_bias(model, pool, ctx, int(analysis.max_images))
+                else measure_bias(model, pool, ctx, int(analysis.max_images), expert_reprs)
             )
             bias = {"before": bias_before, "after": after}
             plot_bias(bias_before, None if after is bias_before else after, out_dir / "bias.png")

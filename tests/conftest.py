@@ -80,3 +80,17 @@ class RecordingLogger:
 
     def finalize(self, status):
         self.finalized = status
+
+
+@pytest.fixture(scope="module")
+def fb(tmp_path_factory):
+    """A FusionBench-format miniature (tiny HF CLIP base + experts + tokenizer) for MNIST and
+    EuroSAT, with matching image folders: ``(root, reference models)``."""
+    pytest.importorskip("transformers")
+    import miniatures as M
+
+    root = tmp_path_factory.mktemp("fb")
+    tasks = ["MNIST", "EuroSAT"]
+    ref = M.make_fusionbench_root(root / "ck", tasks)
+    M.make_image_folders(root / "data", tasks)
+    return root, ref

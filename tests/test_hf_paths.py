@@ -27,15 +27,6 @@ TASKS2 = ["MNIST", "EuroSAT"]
 # --- zero-shot heads from the HF CLIP text tower --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fb(tmp_path_factory):
-    pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("fbzs")
-    ref = M.make_fusionbench_root(root / "ck", TASKS2)
-    M.make_image_folders(root / "data", TASKS2)
-    return root, ref
-
-
 def zs_pool(root: Path, **kw):
     from mergelab.pool.hf import build_pool
 

@@ -316,15 +316,6 @@ def test_image_folders_resisc45_and_gtsrb_layouts(tmp_path):
 # --- FusionBench (HF CLIP) ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fb(tmp_path_factory):
-    pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("fb")
-    ref = M.make_fusionbench_root(root / "ck", TASKS2)
-    M.make_image_folders(root / "data", TASKS2)
-    return root, ref
-
-
 def hf_pool(root: Path, tasks=TASKS2, **kw):
     from mergelab.pool.hf import build_pool
 

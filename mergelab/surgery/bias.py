@@ -35,7 +35,11 @@ FINAL = "final"
 
 
 def measure_bias(
-    model: MultiTaskModel, pool: ModelPool, ctx: RunContext, max_images: int = 256
+    model: MultiTaskModel,
+    pool: ModelPool,
+    ctx: RunContext,
+    max_images: int = 256,
+    expert_cache: dict | None = None,
 ) -> dict:
     """Per task, the L1 representation bias of ``model`` against the task's expert at every
     block output and at the final feature (Surgery §3 / SurgeryV2 §3, equation above).
@@ -43,6 +47,9 @@ def measure_bias(
     Uses up to ``max_images`` images of each task's test split (the same seeded subset for
     every call, so before/after numbers are comparable). Returns a JSON-serialisable
     ``{"blocks": [block names..., "final"], "per_task": {task: [floats]}}``.
+
+    ``expert_cache``: pass the same dict to the before- and after-surgery calls so each
+    expert is loaded and run once (its representations of the seeded subset are fixed).
     """
     if int(max_images) < 1:
         raise ConfigError(f"max_images must be a positive integer, got {max_images}")
@@ -60,25 +67,33 @@ def measure_bias(
                 ctx.seed,
                 ctx.num_workers,
             )
-            expert = pool.expert_encoder(task).to(device)
-            expert_blocks = discover_blocks(expert)
-            if len(expert_blocks) != len(blocks):
-                raise ConfigError(
-                    f"expert {task!r} has {len(expert_blocks)} blocks, the model has {len(blocks)}"
-                )
+            cache = expert_cache if expert_cache is not None else {}
+            if task not in cache:
+                cache[task] = _expert_representations(pool, task, loader, device, len(blocks))
             total = torch.zeros(len(names), dtype=torch.float64)
             n = 0
-            for x in loader:
+            for x, (e_means, e_final) in zip(loader, cache[task]):
                 x = x.to(device)
-                e_means, e_final = _run(expert_blocks, expert_blocks.token_dim, partial(expert, x))
                 m_means, m_final = _run(blocks, blocks.token_dim, partial(model.features, x, task))
                 for i, (m, e) in enumerate(zip([*m_means, m_final], [*e_means, e_final])):
                     # per image: mean over channels; summed over images, averaged below
                     total[i] += (m.float() - e.float()).abs().mean(dim=-1).double().sum().cpu()
                 n += x.shape[0]
-            del expert
             per_task[task] = [float(v) for v in (total / n)]
     return {"blocks": names, "per_task": per_task}
+
+
+def _expert_representations(
+    pool: ModelPool, task: str, loader, device: torch.device, depth: int
+) -> list[tuple[list[Tensor], Tensor]]:
+    """Per batch of ``loader``: the expert's block token-means and final feature."""
+    expert = pool.expert_encoder(task).to(device)
+    expert_blocks = discover_blocks(expert)
+    if len(expert_blocks) != depth:
+        raise ConfigError(f"expert {task!r} has {len(expert_blocks)} blocks, the model has {depth}")
+    return [
+        _run(expert_blocks, expert_blocks.token_dim, partial(expert, x.to(device))) for x in loader
+    ]
 
 
 def _check_task(pool: ModelPool, task: str) -> None:
