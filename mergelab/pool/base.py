@@ -23,6 +23,11 @@ class ModelPool:
     - ``heads``: task → frozen head, features → logits.
     - ``test_sets``: task → labelled test split; used unlabeled for adaptation (as in the
       papers) and labelled for evaluation. Items are ``(image, label)``.
+    - ``bases`` / ``expert_base`` (non-local pools only): foundation name → that foundation's
+      θ0, and task → the name of the foundation its expert was fine-tuned from. Empty when
+      every expert shares ``pretrained`` (the local regime). In a non-local pool
+      ``pretrained`` is the one reference θ0 that merges use (the average of the bases —
+      after alignment when an ``align`` method ran).
     """
 
     family: str
@@ -34,6 +39,19 @@ class ModelPool:
     heads: dict[str, nn.Module]
     test_sets: dict[str, Dataset]
     meta: dict = field(default_factory=dict)
+    bases: dict[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    expert_base: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nonlocal_(self) -> bool:
+        """True when experts were fine-tuned from different foundations."""
+        return bool(self.bases)
+
+    def base_of(self, task: str) -> Mapping[str, Tensor]:
+        """The θ0 that ``task``'s expert was fine-tuned from (``pretrained`` in local pools)."""
+        if not self.bases:
+            return self.pretrained
+        return self.bases[self.expert_base[task]]
 
     def encoder(self, state: Mapping[str, Tensor] | None = None, what: str = "state") -> nn.Module:
         """A fresh encoder, strictly loaded with ``state`` (keys/shapes/finiteness checked)."""
