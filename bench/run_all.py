@@ -15,6 +15,10 @@ OUT = Path(".bench")
 
 JOBS = [
     ("merge", ["-m", "bench.merge_bench", "--json", str(OUT / "merge.json")]),
+    (
+        "merge_methods",
+        ["-m", "bench.merge_methods_bench", "--json", str(OUT / "merge_methods.json")],
+    ),
     ("surgery", ["-m", "bench.surgery_bench", "--embedded", "--json", str(OUT / "surgery.json")]),
     ("adamerging", ["-m", "bench.adamerging_bench", "--json", str(OUT / "adamerging.json")]),
 ]
