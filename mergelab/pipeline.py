@@ -1,4 +1,4 @@
-"""The run: pool → merge → surgery (optional) → evaluate → report. Nothing else."""
+"""The run: pool → align (optional) → merge → surgery (optional) → evaluate → report. Nothing else."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mergelab.align.base import Alignment
 from mergelab.context import RunContext
 from mergelab.errors import ConfigError, MergelabError
 from mergelab.eval import report
@@ -115,6 +116,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if not isinstance(method, (MergeMethod, AdaptiveMerge)):
         raise ConfigError(f"merge config builds {type(method).__name__}, expected a merge method")
     surgery = build(cfg.surgery)
+    aligner = build(cfg.align) if cfg.get("align") is not None else None
+    if aligner is not None and not isinstance(aligner, Alignment):
+        raise ConfigError(f"align config builds {type(aligner).__name__}, expected an Alignment")
     loggers = _loggers(cfg)
     with _finalizing(loggers):
         ctx = RunContext(
@@ -130,6 +134,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         t = time.time()
         pool = build(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
         timings["pool_s"] = time.time() - t
+
+        if aligner is not None:  # permute experts (and bases) into one basis before any merge
+            t = time.time()
+            pool = aligner.align(pool, ctx)
+            timings["align_s"] = time.time() - t
 
         t = time.time()
         if isinstance(method, AdaptiveMerge):
@@ -181,6 +190,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
         merge_name, surgery_name = _choice(cfg, "merge"), _choice(cfg, "surgery")
         label = _label(cfg, "merge")
+        if aligner is not None and aligner.name != "none":
+            label = f"{_label(cfg, 'align')} + {label}"
         if surgery_name != "none":
             label += f" + surgery {_label(cfg, 'surgery')}"
             if getattr(surgery, "rank", None) is not None:
@@ -199,6 +210,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             "family": pool.family,
             "backbone": pool.backbone,
             "merge": merge_name,
+            "align": aligner.report if aligner is not None else None,
             "surgery": surgery_name,
             "rank": int(cfg.rank),
             "label": label,
