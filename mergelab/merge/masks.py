@@ -25,6 +25,17 @@ Building blocks, usable one parameter tensor at a time:
 λt can differ per task (the paper picks each from {0.2, …, 0.6} by that task's validation
 accuracy of θ0 + mt ⊙ τMTL; FusionBench uses a fixed 0.6 without data): pass a mapping
 task → λ, or one float for every task.
+
+Typical use (a task-conditional merge)::
+
+    for p in iter_tall_masks(pretrained, experts, lambdas=0.6, mtl="task_arithmetic"):
+        if p.masks is None:               # integer buffer: same in every model
+            continue
+        for i, task in enumerate(experts):  # masks follow the experts' order
+            theta_t = p.base.float() + p.masks[i] * p.tau_mtl
+
+Masks come back as ``torch.bool`` (one byte per weight); packing them into bits for storage is
+the caller's choice.
 """
 
 from __future__ import annotations
