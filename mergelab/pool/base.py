@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mergelab.pool.state import load_into
+from mergelab.merge.conditional import TaskConditionalMerge, attach, is_conditional, select
+from mergelab.pool.state import check_finite, load_into
 
 
 @dataclass
@@ -53,10 +54,22 @@ class ModelPool:
             return self.pretrained
         return self.bases[self.expert_base[task]]
 
-    def encoder(self, state: Mapping[str, Tensor] | None = None, what: str = "state") -> nn.Module:
-        """A fresh encoder, strictly loaded with ``state`` (keys/shapes/finiteness checked)."""
+    def encoder(
+        self,
+        state: Mapping[str, Tensor] | TaskConditionalMerge | None = None,
+        what: str = "state",
+    ) -> nn.Module:
+        """A fresh encoder, strictly loaded with ``state`` (keys/shapes/finiteness checked).
+
+        A :class:`~mergelab.merge.conditional.TaskConditionalMerge` gives an encoder that
+        carries every task's variant and switches to task t's weights when
+        :meth:`MultiTaskModel.encode` runs a task-t batch."""
         enc = self.encoder_factory()
-        if state is not None:
+        if isinstance(state, TaskConditionalMerge):
+            load_into(enc, state.pretrained, what)
+            check_finite(state.shared, what)
+            attach(enc, state)
+        elif state is not None:
             load_into(enc, state, what)
         return enc.eval()
 
@@ -72,6 +85,10 @@ class MultiTaskModel(nn.Module):
 
     Surgery kinds subclass this and override :meth:`features` to route the batch through the
     task's own modules; evaluation only ever calls ``forward(x, task)``.
+
+    Every encoder pass for a task goes through :meth:`encode` (or follows :meth:`use_task`):
+    when the merge was task-conditional (TALL masks, EMR-merging) the encoder then holds that
+    task's weights; for a plain merge both are free no-ops.
     """
 
     def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module]):
@@ -84,8 +101,23 @@ class MultiTaskModel(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.heads.keys())
 
-    def features(self, x: Tensor, task: str) -> Tensor:
+    @property
+    def task_conditional(self) -> bool:
+        """Whether the encoder's weights depend on the task (one encoder pass = one task)."""
+        return is_conditional(self.encoder)
+
+    def use_task(self, task: str) -> None:
+        """Load ``task``'s weights into a task-conditional encoder (kept until another task's
+        are loaded); no-op otherwise."""
+        select(self.encoder, task)
+
+    def encode(self, x: Tensor, task: str) -> Tensor:
+        """The encoder's output for a batch of task ``task``."""
+        self.use_task(task)
         return self.encoder(x)
+
+    def features(self, x: Tensor, task: str) -> Tensor:
+        return self.encode(x, task)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.heads[task](self.features(x, task))

@@ -220,6 +220,7 @@ class AdapterSurgery(Surgery):
             )
             del expert  # one expert in memory at a time
             if not self.merged_in_loop:
+                smodel.use_task(t)  # a task-conditional merge: task t's weights
                 merged = extract(
                     smodel.encoder, lambda enc, x: {"feature": enc(x)}, ds, idx, bs, nw, device
                 )

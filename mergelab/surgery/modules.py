@@ -167,6 +167,11 @@ class SurgeryModel(MultiTaskModel):
         this equals routing each task's rows on their own, in one encoder pass."""
         for t, _, _ in segments:
             self._check_task(t)
+        if self.task_conditional and len({t for t, _, _ in segments}) > 1:
+            raise ConfigError(
+                "a task-conditional merge runs one task per encoder pass; route each task's "
+                "rows separately"
+            )
         prev = (self._active, self._record)
         self._active, self._record = list(segments), []
         try:
@@ -184,7 +189,7 @@ class SurgeryModel(MultiTaskModel):
 
     def features(self, x: Tensor, task: str) -> Tensor:
         with self.route(task):
-            f = self.encoder(x)
+            f = self.encode(x, task)
         return self.adapters[task][FINAL_SITE](f)
 
     def surgery_parameters(self) -> list[nn.Parameter]:

@@ -36,5 +36,5 @@ class SurgeryV1(AdapterSurgery):
             f = batch["feature"]
         else:  # the reference loop: re-run the (frozen) merged backbone
             with torch.no_grad():
-                f = model.encoder(batch["images"])
+                f = model.encode(batch["images"], task)
         return F.l1_loss(model.adapters[task][FINAL_SITE](f), batch["target"].detach())

@@ -50,7 +50,9 @@ class SurgeryV2(AdapterSurgery):
         """Σ_t loss(t) with ONE encoder pass over all tasks' images: the rows of each task go
         through that task's block modules (blocks treat samples independently, so this is the
         per-task loop's value), then each task's final module and L1 terms on its rows."""
-        if not self.cache or len(batches) == 1:  # the reference loop stays per task
+        # The reference loop stays per task, and so does a task-conditional merge (each
+        # task's rows need that task's weights: one pass per task).
+        if not self.cache or len(batches) == 1 or model.task_conditional:
             return super().step_loss(model, batches)
         segments, start = [], 0
         for t, b in batches.items():
