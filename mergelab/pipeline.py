@@ -22,6 +22,7 @@ from mergelab.eval import report
 from mergelab.eval.baselines import baselines
 from mergelab.eval.evaluator import evaluate
 from mergelab.merge.base import AdaptiveMerge, MergeMethod
+from mergelab.merge.conditional import TaskConditionalMerge
 from mergelab.pool.base import MultiTaskModel
 from mergelab.surgery.bias import measure_bias, plot_bias, plot_projection
 from mergelab.surgery.none import NoSurgery
@@ -146,7 +147,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         else:
             merged = method.merge(pool.pretrained, pool.experts)
         timings["merge_s"] = time.time() - t
+        # A task-conditional merge (TALL masks, EMR) gives an encoder that switches to task t's
+        # weights for task t's batches; everything below routes per task through it.
         model = MultiTaskModel(pool.encoder(merged, "merged model"), pool.heads)
+        storage = merged.storage() if isinstance(merged, TaskConditionalMerge) else None
 
         analysis = cfg.get("analysis") or {}
         bias_before = None
@@ -224,6 +228,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "pool_meta": pool.meta,
             "representation_bias": bias,
+            "merge_storage": storage,  # task-conditional merges: bytes shared / per task
         }
         extra = getattr(model, "report", None)
         if callable(extra):
