@@ -1,11 +1,24 @@
-"""The embedded benchmark's model zoo: built offline on first use, cached by config hash.
+"""The embedded benchmark's model zoos: built offline on first use, cached by config hash.
 
-    data (8 tasks, fixed seeds) → pretrain θ0 on the generic mixture (train splits, pretext
-    labels only) → zero-shot-style heads (class prototypes of θ0's features, like CLIP text
-    prototypes) → one fully fine-tuned expert per task with its head frozen.
+    data (8 tasks, fixed seeds) → pretrain a foundation θ0 CLIP-style (image–caption
+    contrastive on the train splits, :mod:`mergelab.zoo.text`) → zero-shot heads from its text
+    tower (one prompt per class) → one fully fine-tuned expert per task, head frozen.
 
-Everything lands in ``<cache_dir>/zoo/<hash>/`` as safetensors + json; experts are returned
-as lazy state dicts so merges stream over parameters.
+One recipe, three regimes (``conf/model/embedded*.yaml``):
+
+- ``embedded`` — local: one foundation, experts fine-tuned with small steps (the CLIP
+  benchmark's regime);
+- ``embedded-far`` — one foundation, experts that drift far from it (large steps);
+- ``embedded-nonlocal`` — several foundations pretrained with different seeds, the tasks'
+  experts split among them (the non-local merging paper's setting).
+
+A zoo's regime is measured when it is built — experts, zero-shot, weight averaging, task-vector
+norms and cosines — printed, stored in ``regime.json`` and carried into every results.json.
+
+Cache layout (``<cache_dir>/zoo/``): ``foundation-<hash>/`` holds θ0, its text tower and its
+zero-shot heads (keyed by backbone, data and pretraining only) and ``experts-<hash>/`` below it
+(keyed by the fine-tuning recipe), so zoos that share a foundation or a recipe share files;
+``<name>-<hash>/`` holds a zoo's config, build log and regime.
 """
 
 from __future__ import annotations
@@ -45,8 +58,162 @@ def to_tensor(x: np.ndarray) -> Tensor:
     return (t - mean) / std
 
 
+def _log(msg: str) -> None:
+    print(f"[mergelab zoo] {msg}", flush=True)
+
+
+class Foundation:
+    """One pretrained θ0 (with its text tower and zero-shot heads) and the experts fine-tuned
+    from it, all cached under ``foundation-<hash>/``."""
+
+    def __init__(self, zoo: EmbeddedZoo, seed: int):
+        self.zoo = zoo
+        self.seed = seed
+        key = {
+            "vision": zoo.vision,
+            "embed_dim": zoo.embed_dim,
+            "data": zoo.data_cfg,
+            "data_version": zdata.DATA_VERSION,
+            "pretrain": zoo.pretrain_cfg,
+            "mixture": zoo.mixture,
+            "seed": seed,
+        }
+        self.key = key
+        self.dir = zoo.cache / f"foundation-{config_hash(key)}"
+        recipe = {"finetune": zoo.finetune_cfg, "logit_scale": zoo.logit_scale}
+        self.experts_dir = self.dir / f"experts-{config_hash(recipe)}"
+        self.name = f"seed{seed}"
+
+    # ---------------------------------------------------------------- paths
+    @property
+    def theta0_path(self) -> Path:
+        return self.dir / "pretrained.safetensors"
+
+    def head_path(self, task: str) -> Path:
+        return self.dir / f"zeroshot_{task}.safetensors"
+
+    def expert_path(self, task: str) -> Path:
+        return self.experts_dir / f"expert_{task}.safetensors"
+
+    # ---------------------------------------------------------------- build
+    def ensure_pretrained(self) -> bool:
+        done = [self.theta0_path, self.dir / "logit_scale.json"]
+        if all(p.exists() for p in done + [self.head_path(t) for t in self.zoo.mixture]):
+            return False
+        from mergelab.zoo.text import CaptionSet, TextTower
+        from mergelab.zoo.train import CaptionPretrainer, batch_loader, fit
+
+        z, c = self.zoo, self.zoo.pretrain_cfg
+        torch.manual_seed(self.seed)
+        enc = z.encoder_factory()
+        classes = {t: zdata.TASKS[t].classes for t in z.mixture}
+        captions = CaptionSet(z.mixture, classes, c["orientations"])
+        text = TextTower(captions.vocab, z.embed_dim, c["text_width"])
+        # Which pretraining images have a caption naming their class: a fixed subset, as
+        # alt-texts are fixed per image (drawn once from the foundation's seed).
+        g = torch.Generator().manual_seed(self.seed)
+        xs, task_ids, labels = [], [], []
+        for i, t in enumerate(z.mixture):
+            x, y = z.splits(t)[:2]
+            named = torch.rand(len(y), generator=g) < c["caption_rate"]
+            xs.append(x)
+            task_ids.append(torch.full((len(y),), i, dtype=torch.long))
+            labels.append(torch.where(named, y, torch.full_like(y, -1)))
+        module = CaptionPretrainer(
+            enc,
+            text,
+            captions,
+            c["orientations"],
+            lr=c["lr"],
+            weight_decay=c["weight_decay"],
+            warmup=c["warmup"],
+            steps=c["steps"],
+        )
+        data = (torch.cat(xs), torch.cat(task_ids), torch.cat(labels))
+        fit(
+            module,
+            batch_loader(data, c["batch_size"], self.seed),
+            c["steps"],
+            f"pretraining foundation {self.name} (image–caption, {len(z.mixture)} domains)",
+            z.progress,
+        )
+        save_state_dict(
+            {k: v.detach().clone() for k, v in enc.state_dict().items()}, self.theta0_path
+        )
+        save_state_dict(text.state_dict(), self.dir / "text.safetensors")
+        scale = float(module.logit_scale.detach().exp().clamp(max=100.0))
+        (self.dir / "logit_scale.json").write_text(json.dumps({"logit_scale": scale}))
+        from mergelab.zoo.text import caption
+
+        text.eval()
+        with torch.no_grad():
+            for t in z.mixture:  # zero-shot head: the prompt "<t> upright <class>" per class
+                w = text([caption(t, 0, name) for name in classes[t]])
+                save_state_dict({"weight": w}, self.head_path(t))
+        (self.dir / "config.json").write_text(json.dumps(self.key, indent=2, sort_keys=True))
+        return True
+
+    def ensure_expert(self, task: str) -> bool:
+        if self.expert_path(task).exists():
+            return False
+        from mergelab.zoo.train import FrozenHeadFinetuner, batch_loader, fit
+
+        z, c = self.zoo, self.zoo.finetune_cfg
+        torch.manual_seed(self.seed * 1000 + 1 + z.mixture.index(task))
+        enc = z.encoder_factory()
+        enc.load_state_dict(dict(LazyStateDict(self.theta0_path).items()))
+        xtr, ytr = z.splits(task)[:2]
+        module = FrozenHeadFinetuner(
+            enc,
+            self.head(task),
+            lr=c["lr"],
+            weight_decay=c["weight_decay"],
+            warmup=c["warmup"],
+            steps=c["steps"],
+        )
+        fit(
+            module,
+            batch_loader((xtr, ytr), c["batch_size"], self.seed * 1000 + z.mixture.index(task)),
+            c["steps"],
+            f"fine-tuning expert {task!r} from {self.name}",
+            z.progress,
+        )
+        self.experts_dir.mkdir(parents=True, exist_ok=True)
+        save_state_dict(
+            {k: v.detach().clone() for k, v in enc.state_dict().items()}, self.expert_path(task)
+        )
+        return True
+
+    # ---------------------------------------------------------------- load
+    @property
+    def logit_scale(self) -> float:
+        """The heads' scale: the configured one, or (``null``) the temperature this foundation
+        learned in pretraining — what CLIP's zero-shot heads use."""
+        if self.zoo.logit_scale is not None:
+            return self.zoo.logit_scale
+        return json.loads((self.dir / "logit_scale.json").read_text())["logit_scale"]
+
+    def head(self, task: str) -> ClassificationHead:
+        w = LazyStateDict(self.head_path(task))["weight"]
+        return ClassificationHead(self.logit_scale * w)
+
+    def theta0(self) -> LazyStateDict:
+        return LazyStateDict(self.theta0_path)
+
+    def expert(self, task: str) -> LazyStateDict:
+        return LazyStateDict(self.expert_path(task))
+
+
 class EmbeddedZoo:
-    """Builds (once) and loads the embedded benchmark for a given config."""
+    """Builds (once) and loads an embedded zoo for a given config.
+
+    ``foundations``: the seeds of the foundations to pretrain; ``None`` → one, ``seed``
+    (a local or far zoo). With several, task ``i`` of ``mixture`` is fine-tuned from
+    foundation ``i mod len(foundations)`` (a non-local zoo), and merges use the average of the
+    foundations as their one reference θ0 (aligned first when an ``align`` method runs).
+    ``regime_targets``: the properties the zoo is meant to have, checked and printed (a
+    description of the instrument, never a gate).
+    """
 
     def __init__(
         self,
@@ -57,9 +224,11 @@ class EmbeddedZoo:
         data: dict,
         pretrain: dict,
         finetune: dict,
-        logit_scale: float,
+        logit_scale: float | None,
         mixture: list[str],
         seed: int,
+        foundations: list[int] | None = None,
+        regime_targets: dict | None = None,
         progress: bool = True,
     ):
         self.name = name
@@ -68,31 +237,38 @@ class EmbeddedZoo:
         self.data_cfg = dict(data)
         self.pretrain_cfg = dict(pretrain)
         self.finetune_cfg = dict(finetune)
-        self.logit_scale = logit_scale
+        self.logit_scale = None if logit_scale is None else float(logit_scale)
         self.mixture = list(mixture)
-        self.seed = seed
         self.progress = progress
+        self.regime_targets = dict(regime_targets) if regime_targets else None
         unknown = [t for t in self.mixture if t not in zdata.TASKS]
         if unknown:
             raise ConfigError(
                 f"unknown embedded task {unknown[0]!r} in the pretraining mixture; valid: {', '.join(zdata.TASKS)}"
             )
-        # θ0 depends only on the backbone, data and pretraining; heads and experts also on the
-        # fine-tuning recipe. Two cache levels, so changing the recipe never re-pretrains.
-        base_key = {
-            "vision": self.vision,
-            "embed_dim": embed_dim,
-            "data": self.data_cfg,
-            "data_version": zdata.DATA_VERSION,
-            "pretrain": self.pretrain_cfg,
-            "mixture": self.mixture,
-            "seed": seed,
+        seeds = [int(seed)] if foundations is None else [int(s) for s in foundations]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"foundations must be distinct seeds, got {foundations}")
+        self.cache = Path(cache_dir).expanduser() / "zoo"
+        self.foundations = [Foundation(self, s) for s in seeds]
+        self.key = {
+            "foundations": [f.key for f in self.foundations],
+            "finetune": self.finetune_cfg,
+            "logit_scale": self.logit_scale,
         }
-        expert_key = {"finetune": self.finetune_cfg, "logit_scale": logit_scale}
-        self.key = {**base_key, **expert_key}
-        self.base = Path(cache_dir).expanduser() / "zoo" / config_hash(base_key)
-        self.root = self.base / f"experts-{config_hash(expert_key)}"
+        self.root = self.cache / f"{name}-{config_hash(self.key)}"
         self._splits: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    @property
+    def nonlocal_(self) -> bool:
+        return len(self.foundations) > 1
+
+    def foundation_of(self, task: str) -> Foundation:
+        if task not in self.mixture:
+            raise ConfigError(
+                f"task {task!r} is not in the zoo's pretraining mixture {self.mixture}"
+            )
+        return self.foundations[self.mixture.index(task) % len(self.foundations)]
 
     # ------------------------------------------------------------------ pieces
     def encoder_factory(self):
@@ -103,7 +279,7 @@ class EmbeddedZoo:
         if task not in self._splits:
             d = self.data_cfg
             path = (
-                self.base.parent.parent
+                self.cache.parent
                 / "data"
                 / config_hash({"task": task, "version": zdata.DATA_VERSION, **d})
                 / f"{task}.npz"
@@ -130,135 +306,80 @@ class EmbeddedZoo:
             )
         return self._splits[task]
 
-    def _pretrain(self) -> dict[str, Tensor]:
-        from mergelab.zoo.train import PretextPretrainer, batch_loader, fit
-
-        c = self.pretrain_cfg
-        torch.manual_seed(self.seed)
-        enc = self.encoder_factory()
-        xs, ds = [], []
-        for i, t in enumerate(self.mixture):
-            x = self.splits(t)[0]
-            xs.append(x)
-            ds.append(torch.full((len(x),), i, dtype=torch.long))
-        module = PretextPretrainer(
-            enc,
-            self.embed_dim,
-            len(self.mixture),
-            lr=c["lr"],
-            weight_decay=c["weight_decay"],
-            warmup=c["warmup"],
-            steps=c["steps"],
-        )
-        loader = batch_loader((torch.cat(xs), torch.cat(ds)), c["batch_size"], self.seed)
-        fit(
-            module,
-            loader,
-            c["steps"],
-            f"pretraining θ0 on the {len(self.mixture)}-domain mixture (train splits)",
-            self.progress,
-        )
-        return {k: v.detach().clone() for k, v in enc.state_dict().items()}
-
-    @torch.no_grad()
-    def _head(self, task: str, theta0: dict[str, Tensor]) -> ClassificationHead:
-        """Zero-shot-style head: normalised class means of θ0's normalised train features,
-        scaled by the logit scale — the analogue of CLIP's text-prototype heads."""
-        enc = self.encoder_factory()
-        enc.load_state_dict(theta0)
-        enc.eval()
-        xtr, ytr, _, _ = self.splits(task)
-        feats = torch.cat([enc(xtr[i : i + 512]) for i in range(0, len(xtr), 512)])
-        feats = feats / feats.norm(dim=-1, keepdim=True)
-        n_cls = len(zdata.TASKS[task].classes)
-        protos = torch.stack([feats[ytr == c].mean(0) for c in range(n_cls)])
-        protos = protos / protos.norm(dim=-1, keepdim=True)
-        return ClassificationHead(self.logit_scale * protos)
-
-    def _finetune(
-        self, task: str, theta0: dict[str, Tensor], head: ClassificationHead
-    ) -> dict[str, Tensor]:
-        from mergelab.zoo.train import FrozenHeadFinetuner, batch_loader, fit
-
-        c = self.finetune_cfg
-        torch.manual_seed(
-            self.seed + 1 + self.mixture.index(task) if task in self.mixture else self.seed + 1
-        )
-        enc = self.encoder_factory()
-        enc.load_state_dict(theta0)
-        xtr, ytr, _, _ = self.splits(task)
-        module = FrozenHeadFinetuner(
-            enc,
-            head,
-            lr=c["lr"],
-            weight_decay=c["weight_decay"],
-            warmup=c["warmup"],
-            steps=c["steps"],
-        )
-        fit(
-            module,
-            batch_loader((xtr, ytr), c["batch_size"], self.seed),
-            c["steps"],
-            f"fine-tuning expert {task!r}",
-            self.progress,
-        )
-        return {k: v.detach().clone() for k, v in enc.state_dict().items()}
-
     # ------------------------------------------------------------------ build / load
     def ensure(self, tasks: list[str]) -> None:
-        """Build whatever of θ0, heads and the requested experts is not cached yet."""
+        """Build whatever of the foundations, heads and requested experts is not cached."""
         t_start = time.time()
         built = False
+        for f in {id(self.foundation_of(t)): self.foundation_of(t) for t in tasks}.values():
+            built |= f.ensure_pretrained()
+        for task in tasks:
+            built |= self.foundation_of(task).ensure_expert(task)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "config.json").write_text(json.dumps(self.key, indent=2, sort_keys=True))
-        p0 = self.base / "pretrained.safetensors"
-        if not p0.exists():
-            save_state_dict(self._pretrain(), p0)
-            built = True
-        theta0 = None
-        for task in tasks:
-            ph, pe = (
-                self.root / f"head_{task}.safetensors",
-                self.root / f"expert_{task}.safetensors",
-            )
-            if ph.exists() and pe.exists():
-                continue
-            theta0 = theta0 or dict(LazyStateDict(p0).items())
-            if not ph.exists():
-                head = self._head(task, theta0)
-                save_state_dict({"weight": head.weight}, ph)
-            head = self.load_head(task)
-            save_state_dict(self._finetune(task, theta0, head), pe)
-            built = True
         if built:
             secs = time.time() - t_start
             log = self.root / "build_log.json"
             prev = json.loads(log.read_text()) if log.exists() else []
             prev.append({"tasks": tasks, "seconds": round(secs, 1)})
             log.write_text(json.dumps(prev, indent=2))
-            print(f"[mergelab zoo] built in {secs:.0f}s → {self.root}", flush=True)
-
-    def load_head(self, task: str) -> ClassificationHead:
-        w = LazyStateDict(self.root / f"head_{task}.safetensors")["weight"]
-        return ClassificationHead(w)
+            _log(f"built in {secs:.0f}s → {self.root}")
 
     def pool(self, tasks: list[str]) -> ModelPool:
         self.ensure(tasks)
-        return ModelPool(
+        bases = {f.name: f.theta0() for f in self.foundations}
+        if self.nonlocal_:
+            # The one reference θ0 merges use: the average of the foundations (the non-local
+            # paper aligns the bases, then averages them; `align=` re-does this after aligning).
+            pretrained: Any = _average(list(bases.values()))
+        else:
+            pretrained = bases[self.foundations[0].name]
+        pool = ModelPool(
             family="embedded",
             backbone=self.name,
             tasks=list(tasks),
             encoder_factory=self.encoder_factory,
-            pretrained=LazyStateDict(self.base / "pretrained.safetensors"),
-            experts={t: LazyStateDict(self.root / f"expert_{t}.safetensors") for t in tasks},
-            heads={t: self.load_head(t) for t in tasks},
+            pretrained=pretrained,
+            experts={t: self.foundation_of(t).expert(t) for t in tasks},
+            heads={t: self.foundation_of(t).head(t) for t in tasks},
             test_sets={t: TensorDataset(self.splits(t)[2], self.splits(t)[3]) for t in tasks},
             meta={"zoo_dir": str(self.root), "zoo_config": self.key},
+            bases=bases if self.nonlocal_ else {},
+            expert_base={t: self.foundation_of(t).name for t in tasks} if self.nonlocal_ else {},
         )
+        pool.meta["regime"] = self.regime(pool)
+        return pool
+
+    def regime(self, pool: ModelPool) -> dict:
+        """The zoo's regime properties on ``pool.tasks``, measured once and cached."""
+        from mergelab.zoo.regime import measure_regime, print_regime
+
+        path = self.root / "regime.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        key = ",".join(pool.tasks)
+        if key not in saved:
+            saved[key] = measure_regime(pool, self.regime_targets)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved, indent=2))
+            tmp.replace(path)
+            print_regime(self.name, saved[key])
+        return saved[key]
+
+
+def _average(states: list) -> dict[str, Tensor]:
+    out = {}
+    for k in states[0].keys():
+        vals = [s[k] for s in states]
+        out[k] = (
+            torch.stack([v.float() for v in vals]).mean(0).to(vals[0].dtype)
+            if vals[0].is_floating_point()
+            else vals[0]
+        )
+    return out
 
 
 def embedded_pool(tasks: list[str], cache_dir: str, **cfg: Any) -> ModelPool:
-    """Hydra entry point (``model=embedded``): the embedded benchmark's pool for ``tasks``."""
+    """Hydra entry point (``model=embedded*``): the embedded benchmark's pool for ``tasks``."""
     unknown = [t for t in tasks if t not in zdata.TASKS]
     if unknown:
         raise ConfigError(

@@ -1,10 +1,11 @@
 """Lightning modules and in-memory data plumbing used to build the embedded zoo.
 
-Pretraining: a generic pretext task on the unlabeled mixture of all tasks' TRAIN splits —
-predict (which of 4 rotations was applied, which input domain) — so the backbone learns
-generic visual features without ever seeing a test split or a task label.
+Pretraining (CLIP's role, see :mod:`mergelab.zoo.text`): image–caption contrastive learning
+on the mixture of all tasks' TRAIN splits — each image is scored against every caption and
+must pick its own (InfoNCE over the caption set, learned temperature, as in CLIP). Test
+splits are never seen.
 Fine-tuning: the task_vectors protocol — full fine-tuning of the image encoder with the
-task's classification head frozen, AdamW + warm-up + cosine.
+task's zero-shot head frozen, AdamW + warm-up + cosine, small steps.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import math
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
+
+from mergelab.zoo.text import CaptionSet, TextTower
 
 
 class RandomBatches(IterableDataset):
@@ -60,24 +64,42 @@ class _Trainable(L.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
-class PretextPretrainer(_Trainable):
-    """Predict (rotation k ∈ {0,1,2,3}, domain d) jointly from the encoder's feature."""
+class CaptionPretrainer(_Trainable):
+    """CLIP-style pretraining: image features against the text tower's embedding of every
+    caption, cross-entropy to the image's own caption (InfoNCE with the whole caption set as
+    negatives), learned temperature initialised at 1/0.07 and capped at 100 (as CLIP).
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, n_domains: int, **opt):
+    Batches are ``(images, task ids, labels)`` with label −1 where the image's caption does
+    not name its class; each image is rotated by a random quarter turn that its caption names.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        text: TextTower,
+        captions: CaptionSet,
+        orientations: int,
+        **opt,
+    ):
         super().__init__(**opt)
         self.encoder = encoder
-        self.n_domains = n_domains
-        self.classifier = nn.Linear(feature_dim, 4 * n_domains)
+        self.text = text
+        self.caption_set = captions
+        self.orientations = orientations
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def training_step(self, batch, _):
-        x, domain = batch
-        k = torch.randint(0, 4, (x.shape[0],), device=x.device)
+        x, task_ids, labels = batch
+        r = torch.randint(0, self.orientations, (x.shape[0],), device=x.device)
         x = x.clone()
-        for r in range(1, 4):
-            sel = k == r
-            x[sel] = torch.rot90(x[sel], r, dims=(2, 3))
-        logits = self.classifier(self.encoder(x))
-        loss = nn.functional.cross_entropy(logits, k * self.n_domains + domain)
+        for k in range(1, self.orientations):
+            sel = r == k
+            x[sel] = torch.rot90(x[sel], k, dims=(2, 3))
+        target = self.caption_set.index(task_ids, r, labels)
+        image = F.normalize(self.encoder(x), dim=-1)
+        text = self.text(self.caption_set.captions)
+        logits = self.logit_scale.exp().clamp(max=100.0) * image @ text.T
+        loss = F.cross_entropy(logits, target)
         self.log("pretrain/loss", loss, prog_bar=True)
         return loss
 
@@ -97,6 +119,31 @@ class FrozenHeadFinetuner(_Trainable):
         return loss
 
 
+class StepProgress(L.Callback):
+    """A progress bar over optimiser steps (Lightning's bar counts epochs, which an endless
+    stream of batches does not have: it read "Epoch 0/-2")."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+
+    def on_train_start(self, trainer, module):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=trainer.max_steps, desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.bar.update(trainer.global_step - self.bar.n)
+        loss = trainer.callback_metrics.get(
+            "pretrain/loss", trainer.callback_metrics.get("finetune/loss")
+        )
+        if loss is not None and trainer.global_step % 20 == 0:
+            self.bar.set_postfix(loss=f"{float(loss):.3f}")
+
+    def on_train_end(self, trainer, module):
+        self.bar.close()
+
+
 def fit(
     module: L.LightningModule, loader: DataLoader, steps: int, desc: str, progress: bool
 ) -> None:
@@ -107,7 +154,9 @@ def fit(
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=False,
+        callbacks=[StepProgress(desc)] if progress else [],
     )
-    print(f"[mergelab zoo] {desc}: {steps} steps", flush=True)
+    if not progress:
+        print(f"[mergelab zoo] {desc}: {steps} steps", flush=True)
     trainer.fit(module, train_dataloaders=loader)

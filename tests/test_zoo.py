@@ -1,0 +1,120 @@
+"""The embedded zoos: captions, zero-shot heads from the text tower, foundations shared between
+zoos, the non-local pool's bases, and the regime measured at build time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mergelab.zoo import data as zdata
+from mergelab.zoo.embedded import EmbeddedZoo
+from mergelab.zoo.text import CaptionSet, TextTower, caption
+
+TINY = dict(
+    name="embedded-vit-mini",
+    vision=dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0),
+    embed_dim=16,
+    data=dict(image_size=16, n_train=64, n_test=32, seed=0),
+    pretrain=dict(
+        steps=6,
+        batch_size=32,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup=2,
+        caption_rate=0.5,
+        orientations=4,
+        text_width=16,
+    ),
+    finetune=dict(steps=4, batch_size=32, lr=1e-3, weight_decay=0.1, warmup=1),
+    logit_scale=100.0,
+    mixture=["mnist", "digits", "gtsrb"],
+    seed=0,
+    progress=False,
+)
+
+
+def test_caption_set_indexes_the_right_caption():
+    classes = {"mnist": [str(i) for i in range(10)], "gtsrb": zdata.GTSRB_CLASSES}
+    cs = CaptionSet(["mnist", "gtsrb"], classes, orientations=4)
+    assert len(cs.captions) == 4 * (11 + 13)
+    ids = cs.index(torch.tensor([0, 1, 1]), torch.tensor([2, 0, 3]), torch.tensor([7, 4, -1]))
+    assert cs.captions[ids[0]] == ["<mnist>", "rot180", "7"]
+    assert cs.captions[ids[1]] == ["<gtsrb>", "upright", *zdata.GTSRB_CLASSES[4].split()]
+    assert cs.captions[ids[2]] == ["<gtsrb>", "rot270"]  # −1: the caption names no class
+    # words are shared across tasks: the digit 7 of every digit task is one word
+    assert "7" in cs.vocab and cs.vocab.count("7") == 1
+
+
+def test_text_tower_is_a_bag_of_words():
+    tower = TextTower(["a", "b", "c"], embed_dim=8, width=4)
+    e = tower([["a", "b"], ["b", "a"], ["a", "c"]])
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3))
+    assert torch.allclose(e[0], e[1])  # order-free, like the mean of word embeddings
+    assert not torch.allclose(e[0], e[2])
+
+
+def test_gtsrb_sign_shapes_are_distinct_classes():
+    assert len(set(zdata.GTSRB_CLASSES)) == 12
+    assert not any("hexagon" in c for c in zdata.GTSRB_CLASSES + zdata.OBJECT_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def zoo_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+def test_local_zoo_heads_regime_and_cache(zoo_cache):
+    zoo = EmbeddedZoo(cache_dir=zoo_cache, regime_targets={"experts_min": 0}, **TINY)
+    pool = zoo.pool(["mnist", "gtsrb"])
+    f = zoo.foundations[0]
+    # zero-shot heads are the text tower's prompt embeddings × the logit scale
+    text = TextTower(
+        CaptionSet(TINY["mixture"], {t: zdata.TASKS[t].classes for t in TINY["mixture"]}, 4).vocab,
+        TINY["embed_dim"],
+        TINY["pretrain"]["text_width"],
+    )
+    from mergelab.pool.state import LazyStateDict
+
+    text.load_state_dict(dict(LazyStateDict(f.dir / "text.safetensors").items()))
+    with torch.no_grad():
+        want = text([caption("gtsrb", 0, c) for c in zdata.GTSRB_CLASSES])
+    assert torch.allclose(pool.heads["gtsrb"].weight, 100.0 * want, atol=1e-5)
+    # experts moved away from θ0 (they were fine-tuned), heads stayed frozen
+    k = "transformer.resblocks.0.mlp.c_fc.weight"
+    assert not torch.equal(pool.experts["mnist"][k], pool.pretrained[k])
+    # the regime was measured, stored in the zoo's json and in the pool's meta
+    r = pool.meta["regime"]
+    for key in ("experts", "pretrained", "weight_averaging", "tau_ratio_median", "cosine_mean"):
+        assert key in r
+    assert r["checks"] == {"experts_min": True}
+    assert json.loads((zoo.root / "regime.json").read_text())["mnist,gtsrb"] == r
+    assert set(r["per_task"]) == {"mnist", "gtsrb"}
+    # a second zoo with the same foundation but another fine-tuning recipe reuses θ0
+    stamp = f.theta0_path.stat().st_mtime_ns
+    far = EmbeddedZoo(cache_dir=zoo_cache, **{**TINY, "finetune": {**TINY["finetune"], "lr": 5e-3}})
+    assert far.foundations[0].dir == f.dir and far.root != zoo.root
+    far.pool(["mnist"])
+    assert f.theta0_path.stat().st_mtime_ns == stamp
+
+
+def test_nonlocal_zoo_has_its_bases(zoo_cache):
+    zoo = EmbeddedZoo(cache_dir=zoo_cache, **{**TINY, "foundations": [0, 1]})
+    pool = zoo.pool(["mnist", "digits", "gtsrb"])
+    assert pool.nonlocal_
+    # task i of the mixture is fine-tuned from foundation i mod 2
+    assert pool.expert_base == {"mnist": "seed0", "digits": "seed1", "gtsrb": "seed0"}
+    b0, b1 = pool.bases["seed0"], pool.bases["seed1"]
+    k = "transformer.resblocks.1.attn.in_proj_weight"
+    assert not torch.equal(b0[k], b1[k])  # different foundations
+    assert torch.allclose(pool.pretrained[k], (b0[k] + b1[k]) / 2)  # the reference θ0
+    # foundation seed0 is the local zoo's: same files (the experts of its tasks too)
+    local = EmbeddedZoo(cache_dir=zoo_cache, **TINY)
+    assert local.foundations[0].expert_path("mnist") == zoo.foundations[0].expert_path("mnist")
+    # each expert's head comes from its own foundation's text tower
+    assert not torch.equal(pool.heads["mnist"].weight[:1], pool.heads["digits"].weight[:1])
+    r = pool.meta["regime"]
+    assert "finetune_ratio_median" in r
+    # experts sit far from the averaged reference, close to their own foundation
+    assert r["tau_ratio_median"] > r["finetune_ratio_median"]
