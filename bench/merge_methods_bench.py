@@ -57,14 +57,16 @@ def _child(mode: str, root: str, n_experts: int) -> None:
     }
     Path("/proc/self/clear_refs").write_text("5")
     rss0 = _status_kb("VmRSS")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     _merged = method.merge(p, experts)  # kept alive: the output counts
-    wall = time.perf_counter() - t
-    print(json.dumps({"mode": mode, "wall_s": wall, "extra_kb": _status_kb("VmHWM") - rss0}))
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    extra_kb = _status_kb("VmHWM") - rss0
+    print(json.dumps({"mode": mode, "wall_s": wall, "cpu_s": cpu, "extra_kb": extra_kb}))
 
 
-def svd_probe(n_experts: int, shape=(3072, 768), seed: int = 0) -> dict[str, float]:
-    """Seconds for one matrix of ``shape`` with ``n_experts`` task vectors, per SVD method."""
+def svd_probe(n_experts: int, shape=(3072, 768), seed: int = 0) -> dict[str, list[float]]:
+    """[wall s, CPU s] for one matrix of ``shape`` with ``n_experts`` task vectors, per SVD
+    method."""
     import torch
 
     from mergelab.merge.iso import iso_c_matrix, iso_cts_matrix
@@ -79,9 +81,9 @@ def svd_probe(n_experts: int, shape=(3072, 768), seed: int = 0) -> dict[str, flo
         ("iso_c", lambda: iso_c_matrix(taus)),
         ("iso_cts", lambda: iso_cts_matrix(taus, 0.8)),
     ):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        out[name] = round(time.perf_counter() - t, 2)
+        out[name] = [round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)]
     return out
 
 
@@ -120,6 +122,7 @@ def run_bench(root: Path, n_experts: int = 8, modes: tuple[str, ...] = MODES) ->
             "extra_mb": round(extra_mb, 1),
             "extra_model_copies": round(extra_mb / model_mb, 2),
             "time_ratio": round(m["wall_s"] / plain, 2),
+            "cpu_s": round(m["cpu_s"], 1) if "cpu_s" in m else None,
         }
     res["svd_probe_s"] = svd_probe(n_experts)
     return res
@@ -144,7 +147,9 @@ def main() -> None:
         sys.exit(f"unknown bench mode {bad[0]!r}; expected some of {', '.join(MODES)}")
     res = run_bench(Path(a.dir), a.experts, modes)
     print_report(res)
-    probe = ", ".join(f"{k} {v:.1f} s" for k, v in res["svd_probe_s"].items())
+    cpu = ", ".join(f"{k} {r['cpu_s']:.0f} s" for k, r in res["rows"].items() if r["cpu_s"])
+    print(f"CPU time of each merge (all threads; load-independent on a shared machine): {cpu}")
+    probe = ", ".join(f"{k} {w:.1f} s ({c:.1f} s CPU)" for k, (w, c) in res["svd_probe_s"].items())
     print(f"one 3072×768 matrix × {res['n_experts']} task vectors (fp32 SVDs, 2 threads): {probe}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

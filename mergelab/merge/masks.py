@@ -15,12 +15,13 @@ coordinates at least k tasks agree on, one model for all tasks::
 
 Building blocks, usable one parameter tensor at a time:
 
-- :func:`multitask_vector` — τMTL of one parameter from its stacked task vectors;
 - :func:`tall_masks` — the T boolean masks of one parameter;
 - :func:`consensus_mask` — their k-agreement;
 - :func:`iter_tall_masks` — streams a whole model: yields, per key, θ0[key], τMTL and the masks,
-  holding one parameter per expert at a time (TIES' global trim thresholds are found first,
-  one task at a time, as ``ties.py`` does).
+  holding one parameter per expert at a time. τMTL = Σt τt, or — ``mtl="ties"`` — the
+  unscaled merge of :class:`~mergelab.merge.ties.Ties` itself (so its trim semantics are
+  mergelab's TIES, whatever ``ties.py`` settles on), computed first as one fp32 model copy
+  that is released key by key.
 
 λt can differ per task (the paper picks each from {0.2, …, 0.6} by that task's validation
 accuracy of θ0 + mt ⊙ τMTL; FusionBench uses a fixed 0.6 without data): pass a mapping
@@ -49,6 +50,7 @@ from torch import Tensor
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
 from mergelab.merge.base import check_experts, iter_params
+from mergelab.merge.ties import Ties
 
 MTL_KINDS = ("task_arithmetic", "ties")
 TIES_REDUCES = ("sum", "mean")
@@ -85,35 +87,6 @@ def check_shapes(
                 raise CheckpointError(
                     f"expert {task!r}: key {key!r} has shape {got}, pretrained has {want}"
                 )
-
-
-def multitask_vector(
-    taus: Tensor,
-    kind: str = "task_arithmetic",
-    thresholds: Sequence[float] | None = None,
-    ties_k: float = 0.2,
-    ties_reduce: str = "sum",
-) -> Tensor:
-    """τMTL of one parameter, unscaled. ``taus`` stacks the fp32 task vectors on dim 0.
-
-    ``task_arithmetic``: Σt τt. ``ties``: TIES trim → elect → disjoint merge (``ties_reduce``)
-    with per-task ``thresholds`` (the global ones from :func:`ops.global_thresholds`), or the
-    top-``ties_k`` within this tensor when ``thresholds`` is None.
-    """
-    if kind == "task_arithmetic":
-        return taus.sum(0)
-    if kind != "ties":
-        raise ConfigError(f"multi-task vector must be one of {MTL_KINDS}, got {kind!r}")
-    trimmed = torch.stack(
-        [
-            ops.trim(
-                tau,
-                thresholds[i] if thresholds is not None else ops.magnitude_threshold(tau, ties_k),
-            )
-            for i, tau in enumerate(taus)
-        ]
-    )
-    return ops.disjoint_merge(trimmed, ops.elect_sign(trimmed), ties_reduce)
 
 
 def tall_masks(taus: Tensor, tau_mtl: Tensor, lambdas: float | Sequence[float] | Tensor) -> Tensor:
@@ -173,24 +146,47 @@ def iter_tall_masks(
 ) -> Iterator[MaskedParam]:
     """Stream over every key of ``pretrained``: θ0[key], τMTL[key] and the T TALL masks.
 
-    Holds one parameter per expert at a time (lazy experts stay lazy). With
-    ``mtl="ties", ties_scope="global"`` the per-task trim thresholds over each whole task
-    vector are computed first (one extra pass over the experts).
+    Holds one parameter per expert at a time (lazy experts stay lazy). With ``mtl="ties"``
+    the TIES merge runs first (its own passes over the experts) and its fp32 result — one
+    model copy — is released key by key as the stream advances.
     """
     check_mtl(mtl, ties_k, ties_reduce, ties_scope)
     check_experts(pretrained, experts)
     tasks = list(experts)
     lam = resolve_lambdas(lambdas, tasks)
-    thresholds = None
-    if mtl == "ties" and ties_scope == "global":
+    ties_merged: dict[str, Tensor] = {}
+    if mtl == "ties":
         check_shapes(pretrained, experts)
-        by_task = ops.global_thresholds(pretrained, experts, ties_k)
-        thresholds = [by_task[t] for t in tasks]
+        ties = Ties(k=ties_k, scaling=1.0, reduce=ties_reduce, scope=ties_scope)
+        ties_merged = ties.merge(_Float32(pretrained), experts)  # θ0 + τMTL, fp32
     for key, base, vals in iter_params(pretrained, experts):
         if not base.is_floating_point():
             yield MaskedParam(key, base, None, None)
             continue
         b = base.float()
         taus = torch.stack([v.float() - b for v in vals])
-        tau_mtl = multitask_vector(taus, mtl, thresholds, ties_k, ties_reduce)
+        # a round trip through θ space, as in the authors' code (θ0 + τMTL, then − θ0)
+        tau_mtl = ties_merged.pop(key) - b if mtl == "ties" else taus.sum(0)
         yield MaskedParam(key, base, tau_mtl, tall_masks(taus, tau_mtl, lam))
+
+
+class _Float32(Mapping[str, Tensor]):
+    """θ0 seen in fp32 (float keys), so that the TIES pass returns an fp32 τMTL whatever
+    θ0's storage dtype."""
+
+    def __init__(self, sd: Mapping[str, Tensor]):
+        self.sd = sd
+
+    def __getitem__(self, key: str) -> Tensor:
+        v = self.sd[key]
+        return v.float() if v.is_floating_point() else v
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sd)
+
+    def __len__(self) -> int:
+        return len(self.sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        fn = getattr(self.sd, "shape", None)
+        return tuple(fn(key)) if callable(fn) else tuple(self.sd[key].shape)
