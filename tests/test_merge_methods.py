@@ -362,6 +362,19 @@ def test_tall_masks_hand_computed():
         list(M.iter_tall_masks(p, e, lambdas={"a": 0.6, "b": 0.2}))
 
 
+def test_multitask_vector_per_tensor():
+    """TA: Σ τ. TIES, per tensor, top round(2/3·3) = 2 entries each:
+    a = [3, -1, 0.5] keeps [3, -1, 0]; b = [-2, 2, 0.1] keeps [-2, 2, 0];
+    signs of the sums [1, 1, 0] → +, +, + (a zero sum elects +); agreeing sum → [3, 2, 0]."""
+    taus = torch.tensor([[3.0, -1.0, 0.5], [-2.0, 2.0, 0.1]])
+    torch.testing.assert_close(M.multitask_vector(taus), torch.tensor([1.0, 1.0, 0.6]))
+    got = M.multitask_vector(taus, "ties", ties_k=2 / 3)
+    torch.testing.assert_close(got, torch.tensor([3.0, 2.0, 0.0]))
+    got = M.multitask_vector(taus, "ties", thresholds=[0.4, 0.05], ties_reduce="mean")
+    # a keeps [3, -1, 0.5], b keeps all; sums [1, 1, 0.6] → + + +; mean of agreeing entries
+    torch.testing.assert_close(got, torch.tensor([3.0, 2.0, 0.3]))
+
+
 @pytest.mark.parametrize(
     "k,want",
     [

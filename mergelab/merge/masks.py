@@ -15,6 +15,7 @@ coordinates at least k tasks agree on, one model for all tasks::
 
 Building blocks, usable one parameter tensor at a time:
 
+- :func:`multitask_vector` — τMTL of one parameter from its stacked task vectors;
 - :func:`tall_masks` — the T boolean masks of one parameter;
 - :func:`consensus_mask` — their k-agreement;
 - :func:`iter_tall_masks` — streams a whole model: yields, per key, θ0[key], τMTL and the masks,
@@ -87,6 +88,37 @@ def check_shapes(
                 raise CheckpointError(
                     f"expert {task!r}: key {key!r} has shape {got}, pretrained has {want}"
                 )
+
+
+def multitask_vector(
+    taus: Tensor,
+    kind: str = "task_arithmetic",
+    thresholds: Sequence[float] | None = None,
+    ties_k: float = 0.2,
+    ties_reduce: str = "sum",
+) -> Tensor:
+    """τMTL of one parameter, unscaled, from its task vectors stacked on dim 0.
+
+    ``task_arithmetic``: Σt τt. ``ties``: trim → elect → disjoint merge (``ties_reduce``) with
+    the ``ops`` primitives, given per-task ``thresholds`` (e.g. :func:`ops.global_thresholds`)
+    or, when None, the top-``ties_k`` within this tensor. Note: this per-tensor TIES uses the
+    trim thresholds it is given; :func:`iter_tall_masks` instead takes τMTL from the
+    :class:`~mergelab.merge.ties.Ties` class, so it always matches ``merge=ties``.
+    """
+    if kind == "task_arithmetic":
+        return taus.sum(0)
+    if kind != "ties":
+        raise ConfigError(f"multi-task vector must be one of {MTL_KINDS}, got {kind!r}")
+    trimmed = torch.stack(
+        [
+            ops.trim(
+                tau,
+                thresholds[i] if thresholds is not None else ops.magnitude_threshold(tau, ties_k),
+            )
+            for i, tau in enumerate(taus)
+        ]
+    )
+    return ops.disjoint_merge(trimmed, ops.elect_sign(trimmed), ties_reduce)
 
 
 def tall_masks(taus: Tensor, tau_mtl: Tensor, lambdas: float | Sequence[float] | Tensor) -> Tensor:
