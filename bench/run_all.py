@@ -2,7 +2,8 @@
 
 1. merges at ViT-B/32 size (8 synthetic experts): wall time and peak memory vs a plain read;
 2. surgery v1/v2 on the embedded benchmark vs the reference loop (same steps, same seed);
-3. one AdaMerging step vs one forward+backward of the merged model, embedded and ViT-B/32 size.
+3. one AdaMerging step vs one forward+backward of the merged model, embedded and ViT-B/32 size;
+4. permutation alignment (weight / activation matching) per model, embedded and ViT-B/32 size.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ JOBS = [
     ),
     ("surgery", ["-m", "bench.surgery_bench", "--embedded", "--json", str(OUT / "surgery.json")]),
     ("adamerging", ["-m", "bench.adamerging_bench", "--json", str(OUT / "adamerging.json")]),
+    ("align", ["-m", "bench.align_bench", "--json", str(OUT / "align.json")]),
 ]
 
 

@@ -231,6 +231,13 @@ def test_nonlocal_pool_aligns_bases_then_averages_them(method, tmp_path):
     assert "align" not in pool.meta
 
 
+def test_expert_without_a_known_foundation_is_a_config_error(tmp_path):
+    pool, _ = _nonlocal_pool()
+    pool.expert_base["t2"] = "zzz"
+    with pytest.raises(ConfigError, match="'t2' has no foundation.*'zzz'"):
+        WeightMatching().align(pool, RunContext(tmp_path))
+
+
 def test_local_pool_experts_keep_their_function(tmp_path):
     pool = synthetic_pool(n_tasks=2, width=32, layers=2, heads=4, n_images=8, seed=1)
     new = WeightMatching().align(pool, RunContext(tmp_path))

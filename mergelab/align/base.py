@@ -67,10 +67,11 @@ class Alignment(ABC):
         if pool.bases:
             names = list(pool.bases)
             ref = names[0]
-            missing = [t for t in pool.experts if t not in pool.expert_base]
+            missing = [t for t in pool.experts if pool.expert_base.get(t) not in pool.bases]
             if missing:
                 raise ConfigError(
-                    f"align: pool has bases but no foundation for expert {missing[0]!r}"
+                    f"align: expert {missing[0]!r} has no foundation among the pool's bases "
+                    f"{names} (expert_base says {pool.expert_base.get(missing[0])!r})"
                 )
             perms = {ref: spec.identity()}
             for f in names[1:]:

@@ -168,6 +168,17 @@ class PermutationSpec:
         """(key, axis) of every tensor axis that ``coord`` permutes."""
         return self._touch[coord]
 
+    def neighbours(self, coord: str) -> set[str]:
+        """The other coordinates on any axis of the tensors ``coord`` permutes: the ones its
+        weight-matching score matrix depends on."""
+        out: set[str] = set()
+        for key, _ in self._touch[coord]:
+            for a in self.axes[key]:
+                if a is not None:
+                    out.update(_coords(a))
+        out.discard(coord)
+        return out
+
     def size(self, action: Action) -> int:
         if isinstance(action, Units):
             return self.units[action.perm]

@@ -46,13 +46,23 @@ def weight_matching(
     B = {k: other[k].to(device, torch.float32) for k in A}
     perms = spec.identity()
     coords = spec.coordinates
+    # A coordinate's score matrix depends only on the permutations of the other axes of the
+    # tensors it touches; when none of those changed since it was last solved, solving it
+    # again would return the same answer, so it is skipped (exact, and most of a late sweep).
+    deps = {c: spec.neighbours(c) for c in coords}
+    changed = dict.fromkeys(coords, 0)
+    solved = dict.fromkeys(coords, -1)
     g = torch.Generator().manual_seed(int(seed))
-    sweeps = 0
+    sweeps = step = 0
     while sweeps < int(max_iter):
         sweeps += 1
         progress = False
         for i in torch.randperm(len(coords), generator=g).tolist():
             c = coords[i]
+            step += 1
+            if solved[c] >= 0 and all(changed[d] < solved[c] for d in deps[c]):
+                continue
+            solved[c] = step
             if c in spec.units:
                 C = _unit_scores(spec, A, B, perms, c)
                 new = assign_units(C)
@@ -64,6 +74,7 @@ def weight_matching(
             # strict improvement only: equal-score alternatives must not make it cycle
             if new_v > old_v + rel_tol * max(abs(old_v), 1.0):
                 progress = True
+                changed[c] = step
                 if c in spec.units:
                     perms.units[c] = new
                 else:
