@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 ESTIMATORS = ("exact", "sample")
 _EVAL_MODE_WARNING = r".*module\(s\) in eval mode.*"
+# predict_step returns nothing on purpose: the statistics accumulate inside the module
+_NO_PREDICTIONS_WARNING = r".*predict returned None.*"
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +179,7 @@ def compute_fisher(
     trainer = ctx.make_trainer(logger=False, inference_mode=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING)
+        warnings.filterwarnings("ignore", message=_NO_PREDICTIONS_WARNING)
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     return module.fisher()
 
@@ -235,7 +238,7 @@ class FisherMerging(AdaptiveMerge):
         samples_per_example: labels drawn per example by the ``"sample"`` estimator.
         num_samples: unlabeled test images per task (all of the split when ``None`` or
             larger than it; FusionBench uses 256).
-        batch_size: images per forward pass.
+        batch_size: images per loader batch (each image runs forward alone).
         weights: λt per task, in the order of ``tasks.names`` (``None``: equal).
         normalize: scale λt by 1/‖Ft‖ (the authors' code and FusionBench do).
         eps: added to every Fisher (FusionBench's ``minimal_fisher_weight``, 1e-6).

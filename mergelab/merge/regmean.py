@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 OUTPUT_PROJECTIONS = ("regmean", "average")
 _EVAL_MODE_WARNING = r".*module\(s\) in eval mode.*"
+# predict_step returns nothing on purpose: the statistics accumulate inside the module
+_NO_PREDICTIONS_WARNING = r".*predict returned None.*"
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +268,7 @@ def collect_grams(
     trainer = ctx.make_trainer(logger=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING)
+        warnings.filterwarnings("ignore", message=_NO_PREDICTIONS_WARNING)
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     return module.grams()
 
