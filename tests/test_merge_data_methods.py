@@ -67,6 +67,17 @@ def random_linears(n: int, d_in: int, d_out: int, seed: int = 0) -> list[nn.Line
     return [nn.Linear(d_in, d_out) for _ in range(n)]
 
 
+def hf_clip_encoder() -> nn.Module:
+    pytest.importorskip("transformers")
+    from miniatures import tiny_hf_configs
+
+    from mergelab.pool.hf import HFCLIPImageEncoder
+
+    _, vision = tiny_hf_configs()
+    torch.manual_seed(0)
+    return HFCLIPImageEncoder(vision, torch.randn(16, vision.hidden_size)).eval()
+
+
 def lstsq_merge(xs: list[np.ndarray], ws: list[np.ndarray], alpha: float) -> np.ndarray:
     """Independent RegMean: min_W Σt ‖√α Xt'(W − Wt)ᵀ‖² + (1−α)‖diag(Gt)^½ (W − Wt)ᵀ‖² with
     Xt' = Xt/√nt, solved by numpy lstsq on stacked rows. Its normal equations are
@@ -247,14 +258,8 @@ def test_regmean_grams_equal_independent_activations(ctx):
 
 
 def test_regmean_finds_every_hf_clip_linear_layer(ctx):
-    pytest.importorskip("transformers")
-    from miniatures import tiny_hf_configs
-
-    from mergelab.pool.hf import HFCLIPImageEncoder
-
-    _, vision = tiny_hf_configs()
-    torch.manual_seed(0)
-    enc = HFCLIPImageEncoder(vision, torch.randn(16, vision.hidden_size)).eval()
+    enc = hf_clip_encoder()
+    vision = enc.vision_model.config
     sites = linear_sites(enc)
     layers = enc.vision_model.encoder.layers
     names = (
@@ -322,23 +327,53 @@ def test_fisher_of_a_linear_softmax_model_is_hand_computed(ctx):
     np.testing.assert_allclose(sampled["weight"].numpy(), fw, rtol=0.1, atol=1e-3)
 
 
-def test_fisher_per_example_vjps_equal_a_brute_force_loop(ctx):
-    """On an open_clip ViT (fused attention): Σ_x Σ_y p(y|x)(∇ log p(y|x))² by one forward and
-    one backward per (example, class), against the batched one-hot VJPs."""
-    pool = synthetic_pool(n_tasks=1, seed=8, n_classes=3)
-    enc, head = pool.expert_encoder("task0"), pool.heads["task0"]
-    x = pool.test_sets["task0"].tensors[0][:4]
+@pytest.mark.parametrize("arch", ["open_clip", "hf_clip"])
+def test_fisher_per_example_vjps_equal_a_brute_force_loop(ctx, arch):
+    """Σ_x Σ_y p(y|x)(∇ log p(y|x))² by one backward per (example, class), against the
+    batched one-hot VJPs — on open_clip's fused attention and on HF CLIP's."""
+    from mergelab.pool.heads import ClassificationHead
+
+    if arch == "open_clip":
+        pool = synthetic_pool(n_tasks=1, seed=8, n_classes=3)
+        enc, head = pool.expert_encoder("task0"), pool.heads["task0"]
+        x = pool.test_sets["task0"].tensors[0][:4]
+    else:
+        enc = hf_clip_encoder()
+        head = ClassificationHead(torch.randn(3, 16))
+        x = torch.randn(3, 3, 32, 32)
     got = compute_fisher(copy.deepcopy(enc), head, images_loader(x, 4), ctx, grad_memory_mb=0.5)
     params = dict(enc.named_parameters())
     want = {n: torch.zeros_like(p) for n, p in params.items()}
     for i in range(len(x)):
         logp = torch.log_softmax(head(enc(x[i : i + 1])), -1)[0]
         for y in range(len(logp)):
-            grads = torch.autograd.grad(logp[y], list(params.values()), retain_graph=True)
+            grads = torch.autograd.grad(
+                logp[y], list(params.values()), retain_graph=True, allow_unused=True
+            )
             for n, g in zip(params, grads):
-                want[n] += logp[y].exp().detach() * g**2 / len(x)
+                if g is not None:
+                    want[n] += logp[y].exp().detach() * g**2 / len(x)
+    assert set(got) == set(want)
     for n in params:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-9, msg=n)
+
+
+def test_fisher_falls_back_to_one_vjp_at_a_time(ctx, monkeypatch):
+    """Where an op has no vmap rule for its backward, the VJPs run one by one: same Fisher."""
+    (lin,) = random_linears(1, 5, 3, seed=12)
+    x = torch.randn(6, 5)
+    want = compute_fisher(lin, nn.Identity(), images_loader(x, 3), ctx)
+    grad = torch.autograd.grad
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    got = compute_fisher(lin, nn.Identity(), images_loader(x, 3), ctx)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
 
 
 def test_fisher_merge_of_linear_models_is_hand_computed(ctx):
