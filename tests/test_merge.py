@@ -48,7 +48,7 @@ def test_ties_known_answer_global_sum_and_mean():
     # a: |1,2,.5,0,4,1| → keep 4, -2, and one of the 1s (ties at threshold 1 keep both): 1, -2, 4, -1
     # b: |3,1,.5,2,1,3| → keep 3, 2, -3 (threshold 2)
     # c: |1,1,.25,1,1,6| → threshold 1 → keep -1, -1, 1, 1, 6
-    m = Ties(k=0.5, scaling=1.0, reduce="sum").merge(p, e)
+    m = Ties(k=0.5, scaling=1.0, reduce="sum", mode="mergelab").merge(p, e)
     ta = torch.tensor([[1.0, -2.0, 0.0], [0.0, 4.0, -1.0]])
     tb = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, -3.0]])
     tc = torch.tensor([[-1.0, -1.0, 0.0], [1.0, 1.0, 6.0]])
@@ -60,7 +60,7 @@ def test_ties_known_answer_global_sum_and_mean():
     torch.testing.assert_close(m["w"], want_sum)
     # spot check by hand: entry (0,0): 1+3-1=3>0 → keep 1 and 3 → 4; (1,2): -1-3+6=2>0 → 6
     assert m["w"][0, 0].item() == 4.0 and m["w"][1, 2].item() == 6.0
-    mm = Ties(k=0.5, scaling=1.0, reduce="mean").merge(p, e)
+    mm = Ties(k=0.5, scaling=1.0, reduce="mean", mode="mergelab").merge(p, e)
     assert mm["w"][0, 0].item() == 2.0 and mm["w"][1, 2].item() == 6.0
     torch.testing.assert_close(mm["w"], want_sum / agree.sum(0).clamp(min=1))
 
@@ -81,9 +81,9 @@ def test_ties_trim_keeps_requested_fraction():
     g = torch.Generator().manual_seed(0)
     p = {"a": torch.zeros(100), "b": torch.zeros(50, 2)}
     e = {"t": {"a": torch.randn(100, generator=g), "b": torch.randn(50, 2, generator=g)}}
-    v = ties_task_vectors(p, e, k=0.3, scope="global")["t"]
+    v = ties_task_vectors(p, e, k=0.3, scope="global", mode="mergelab")["t"]
     assert sum(int((x != 0).sum()) for x in v.values()) == 60  # 30% of 200, counted globally
-    v = ties_task_vectors(p, e, k=0.5, scope="per_tensor")["t"]
+    v = ties_task_vectors(p, e, k=0.5, scope="per_tensor", mode="mergelab")["t"]
     assert int((v["a"] != 0).sum()) == 50 and int((v["b"] != 0).sum()) == 50
 
 
@@ -96,9 +96,9 @@ def test_ties_global_differs_from_per_tensor():
             "small": torch.tensor([0.1, 0.2, 0.3, 0.4]),
         }
     }
-    g = ties_task_vectors(p, e, k=0.5, scope="global")["t"]
+    g = ties_task_vectors(p, e, k=0.5, scope="global", mode="mergelab")["t"]
     assert torch.count_nonzero(g["small"]) == 0 and torch.count_nonzero(g["big"]) == 4
-    pt = ties_task_vectors(p, e, k=0.5, scope="per_tensor")["t"]
+    pt = ties_task_vectors(p, e, k=0.5, scope="per_tensor", mode="mergelab")["t"]
     assert torch.count_nonzero(pt["small"]) == 2
 
 

@@ -1,13 +1,39 @@
-"""Pure state-dict arithmetic shared by the merge methods (streaming, one key at a time)."""
+"""Pure state-dict arithmetic shared by the merge methods (streaming, one key at a time).
+
+Besides the TIES primitives (trim / elect / disjoint merge) this module holds the two pieces
+that make the streaming TIES exact and fast:
+
+- :func:`kth_smallest` — an exact linear-time order statistic (a sampled bracket, one counting
+  pass, a selection among the few candidates inside the bracket); it returns exactly what
+  ``torch.kthvalue`` returns.
+- :func:`column_sum` — Σ over the rows of a (rows, columns) block in exactly the order in which
+  ``torch.sum(dim=0)`` adds them on one wide contiguous matrix, so that a merge streamed in
+  chunks is bit-identical to reference code that flattens the whole model first.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import math
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mergelab.errors import ConfigError
+from mergelab.errors import CheckpointError, ConfigError
+
+_T = TypeVar("_T")
+
+# How the top-k trim count is read (TIES, arXiv 2306.01708, Alg. 1 step 1):
+#   reference: n = ⌊k·d⌋ and the threshold is the (d − n)-th smallest |τ| (the authors'
+#              ``topk_values_mask``): n + 1 entries are kept, plus ties at the threshold;
+#   mergelab:  round(k·d) entries are kept, plus ties (mergelab's behaviour before 0.2).
+TRIM_MODES = ("reference", "mergelab")
 
 
 def float_keys(pretrained: Mapping[str, Tensor]) -> list[str]:
@@ -21,51 +47,230 @@ def check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
-def magnitude_threshold(values: Tensor, k: float) -> float:
-    """The smallest |value| kept when keeping the top-``k`` fraction of ``values`` by
-    magnitude (TIES "trim"). k = 1 keeps everything; k = 0 keeps nothing (+inf)."""
-    return _kth_largest_abs_inplace(values.detach().abs().reshape(-1).float().contiguous(), k)
+def check_trim_mode(mode: str) -> str:
+    if mode not in TRIM_MODES:
+        raise ConfigError(f"TIES mode must be one of {TRIM_MODES}, got {mode!r}")
+    return mode
 
 
-def _kth_largest_abs_inplace(flat_abs: Tensor, k: float) -> float:
-    """Selection (introselect, O(n)) on a float32 CPU vector of magnitudes that the caller
-    owns: it is partitioned in place, so no second copy is made."""
-    n = flat_abs.numel()
-    keep = int(round(k * n))
-    if keep <= 0:
-        return float("inf")
-    if keep >= n:
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch ops single-threaded inside the block. The streamed merges issue many small
+    ops on cache-sized chunks; with several intra-op threads every op ends in a barrier,
+    which on a busy machine (more runnable threads than cores) costs far more than the op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def prefetched(items: Iterable[_T], depth: int = 1) -> Iterator[_T]:
+    """Iterate over ``items`` while a background thread produces the next ``depth`` of them.
+
+    For streamed merges: reading the next parameter of every expert from disk (which
+    releases the GIL) overlaps the arithmetic on the current one. Exceptions raised while
+    producing are re-raised in the consumer; leaving the loop early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer
+            q.put((done, e))
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
+
+
+# --- exact order statistics ------------------------------------------------------------------
+
+_PARTITION_BELOW = 1 << 20  # below this many values a plain introselect is the fastest
+_SAMPLE = 1 << 18  # sample size for the bracket around the wanted rank
+_BRACKET_SIGMAS = 5.0  # bracket half-width in standard deviations of the sample quantile
+_COUNT_CHUNK = 1 << 18  # values per step of the counting pass (stays in cache)
+
+
+def kth_smallest(values: Tensor | Sequence[Tensor], r: int, seed: int = 0) -> float:
+    """The ``r``-th smallest (1-indexed) element of ``values`` — exactly the value
+    ``torch.kthvalue(values.flatten(), r)`` returns — in linear time and without sorting.
+
+    ``values`` is one tensor or a sequence of tensors taken as their concatenation (a model's
+    parameters, without concatenating them). Large inputs: the order statistic of a random
+    sample brackets the wanted rank (±5 standard deviations), one counting pass finds how
+    many values lie below the bracket and collects the few inside it, and an introselect
+    among those gives the answer. If the bracket misses (probability ≈ 1e-6) a full
+    introselect is done, so the answer is always exact. ``seed`` only fixes the sample.
+    """
+    parts = [values] if isinstance(values, Tensor) else list(values)
+    segs = [_as_f32_numpy(v) for v in parts]
+    sizes = [x.size for x in segs]
+    n = sum(sizes)
+    if not 1 <= r <= n:
+        raise ValueError(f"rank {r} is outside 1..{n}")
+    if n <= _PARTITION_BELOW:
+        return float(np.partition(np.concatenate(segs), r - 1)[r - 1])
+    rng = np.random.default_rng(seed)
+    s = min(n, _SAMPLE)
+    idx = np.sort(rng.integers(0, n, size=s))
+    starts = np.cumsum([0, *sizes])
+    which = np.searchsorted(starts, idx, side="right") - 1
+    sample = np.empty(s, dtype=np.float32)
+    for j in np.unique(which):
+        sel = which == j
+        sample[sel] = segs[j][idx[sel] - starts[j]]
+    p = r / n
+    half = _BRACKET_SIGMAS * math.sqrt(s * p * (1 - p)) + 2
+    lo_i, hi_i = int(math.floor(p * s - half)), int(math.ceil(p * s + half))
+    picks = [i for i in (lo_i, hi_i) if 0 <= i < s]
+    part = np.partition(sample, picks) if picks else sample
+    lo = float(part[lo_i]) if 0 <= lo_i < s else -math.inf
+    hi = float(part[hi_i]) if 0 <= hi_i < s else math.inf
+
+    # numpy's comparisons and compaction are several times faster than torch's here
+    below = 0
+    lt = np.empty(min(n, _COUNT_CHUNK), dtype=bool)
+    inside = np.empty_like(lt)
+    candidates = []
+    for seg in segs:
+        for a in range(0, seg.size, _COUNT_CHUNK):
+            x = seg[a : a + _COUNT_CHUNK]
+            m = x.size
+            np.less(x, lo, out=lt[:m])
+            below += int(np.count_nonzero(lt[:m]))
+            np.less_equal(x, hi, out=inside[:m])
+            inside[:m] ^= lt[:m]  # lo ≤ x ≤ hi (x < lo implies x ≤ hi)
+            candidates.append(x[np.flatnonzero(inside[:m])])
+    cand = np.concatenate(candidates)
+    j = r - below - 1
+    if 0 <= j < cand.size:
+        return float(np.partition(cand, j)[j])
+    return float(np.partition(np.concatenate(segs), r - 1)[r - 1])  # bracket missed: exact
+
+
+def _as_f32_numpy(v: Tensor) -> np.ndarray:
+    v = v.detach().reshape(-1)
+    if v.dtype != torch.float32:
+        v = v.float()
+    return v.cpu().contiguous().numpy()
+
+
+def trim_threshold(
+    abs_tau: Tensor | Sequence[Tensor], k: float, mode: str = "reference", extra_zeros: int = 0
+) -> float:
+    """TIES trim threshold s of one task vector: keep the entries with |τ| ≥ s.
+
+    ``abs_tau`` holds |τ| (one tensor, or a sequence taken as their concatenation);
+    ``extra_zeros`` more coordinates with τ = 0 count towards the vector's length d (the
+    reference code flattens tensors that mergelab does not load, such as the text-side
+    tensors of task_vectors checkpoints). ``mode`` is one of :data:`TRIM_MODES`. k = 1 keeps
+    everything in both modes (the reference code crashes there: it asks ``kthvalue`` for the
+    0-th value). Reference mode with k = 0 keeps the largest entries only (n = 0 → s =
+    max |τ|), as the reference does.
+    """
+    check_trim_mode(mode)
+    parts = [abs_tau] if isinstance(abs_tau, Tensor) else list(abs_tau)
+    d = sum(v.numel() for v in parts) + int(extra_zeros)
+    if d == 0:
         return 0.0
-    arr = flat_abs.cpu().numpy()
-    arr.partition(n - keep)  # the keep-th largest lands at index n - keep
-    return float(arr[n - keep])
+    if mode == "reference":
+        n = int(d * k)  # the reference's int(d * K), Python float arithmetic included
+        if n >= d:
+            return 0.0
+        rank = d - n
+    else:
+        keep = int(round(k * d))
+        if keep <= 0:
+            return math.inf
+        if keep >= d:
+            return 0.0
+        rank = d - keep + 1
+    if rank <= extra_zeros:  # the extra zeros are the smallest values
+        return 0.0
+    return kth_smallest(parts, rank - int(extra_zeros))
+
+
+def magnitude_threshold(values: Tensor, k: float) -> float:
+    """The smallest |value| kept when keeping the top ``round(k·n)`` of ``values`` by
+    magnitude (mergelab's trim). k = 1 keeps everything; k = 0 keeps nothing (+inf)."""
+    return trim_threshold(values.detach().abs().reshape(-1), k, "mergelab")
 
 
 def global_thresholds(
-    pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]], k: float
+    pretrained: Mapping[str, Tensor],
+    experts: Mapping[str, Mapping[str, Tensor]],
+    k: float,
+    mode: str = "mergelab",
+    extra_zeros: int = 0,
 ) -> dict[str, float]:
     """Per task, the TIES trim threshold over the task's WHOLE flattened task vector.
 
-    Streams one task at a time into one preallocated vector of |τt| and selects in place:
-    peak extra memory is one model-sized float32 vector, never N models.
+    Streams one task at a time into one model-sized float32 scratch of |τt| and selects on
+    it: peak extra memory is one model, never N models. Non-finite task vector entries are a
+    CheckpointError naming the expert and key.
     """
-    keys = float_keys(pretrained)
-    total = sum(pretrained[key].numel() for key in keys)
-    flat = torch.empty(total, dtype=torch.float32)
+    check_trim_mode(mode)
+    base = {key: pretrained[key] for key in float_keys(pretrained)}  # θ0 read once
+    scratch = {key: torch.empty(b.numel(), dtype=torch.float32) for key, b in base.items()}
     out = {}
     for task, sd in experts.items():
-        at = 0
-        for key in keys:
-            n = pretrained[key].numel()
-            torch.sub(
-                sd[key].float().reshape(-1),
-                pretrained[key].float().reshape(-1),
-                out=flat[at : at + n],
-            )
-            at += n
-        flat.abs_()
-        out[task] = _kth_largest_abs_inplace(flat, k)
+        fill_abs_task_vector(scratch, base, sd, task)
+        out[task] = trim_threshold(list(scratch.values()), k, mode, extra_zeros)
     return out
+
+
+def fill_abs_task_vector(
+    out: Mapping[str, Tensor],
+    base: Mapping[str, Tensor],
+    expert: Mapping[str, Tensor],
+    task: str,
+) -> None:
+    """Write |θt − θ0| for every key of ``base`` into the flat float32 ``out[key]``,
+    checking shapes and finiteness. The next tensor is read while the current one is done."""
+    for key, v in prefetched((key, expert[key]) for key in base):
+        b = base[key]
+        if v.shape != b.shape:
+            raise CheckpointError(
+                f"expert {task!r}: key {key!r} has shape {tuple(v.shape)}, "
+                f"pretrained has {tuple(b.shape)}"
+            )
+        dst = out[key]
+        torch.sub(v.reshape(-1).float(), b.reshape(-1).float(), out=dst)
+        dst.abs_()
+        if dst.numel() and not math.isfinite(float(dst.max())):  # max propagates NaN
+            who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
+            raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+
+
+# --- TIES primitives (one parameter at a time) ----------------------------------------------
 
 
 def trim(tau: Tensor, threshold: float) -> Tensor:
@@ -75,7 +280,8 @@ def trim(tau: Tensor, threshold: float) -> Tensor:
 
 def elect_sign(trimmed: Tensor) -> Tensor:
     """TIES sign election: per coordinate, the sign of the sum of the trimmed vectors
-    (``trimmed`` stacks tasks on dim 0). Coordinates summing to 0 elect +1."""
+    (``trimmed`` stacks tasks on dim 0). Coordinates summing to 0 elect +1 (mergelab's rule;
+    the reference code's model-wide majority is in :mod:`mergelab.merge.ties`)."""
     s = torch.sign(trimmed.sum(0))
     return torch.where(s == 0, torch.ones_like(s), s)
 
@@ -90,3 +296,123 @@ def disjoint_merge(trimmed: Tensor, sign: Tensor, reduce: str) -> Tensor:
     if reduce == "mean":
         return kept.sum(0) / agree.sum(0).clamp(min=1)
     raise ConfigError(f"unknown TIES reduce {reduce!r}; expected 'sum' or 'mean'")
+
+
+# --- Σ over rows in torch's own order --------------------------------------------------------
+#
+# torch.sum(X, dim=0) on a contiguous (rows, d) float32 matrix (CPU) adds, for the columns
+# handled by its vectorised path, the rows one after another into accumulators that start at
+# 0, cascading a level up every 16 rows (4 levels); the last d mod (4 × vector width) columns
+# are summed row by row in another order: rows i ≡ 0, 1, 2, 3 (mod 4) first, separately. Floating
+# point addition is not associative, so reproducing reference code that sums the whole
+# flattened model bit for bit needs the same order; elementwise adds are exact and do not
+# depend on threading. The order is checked against torch itself on first use
+# (:func:`sum_tail_width`).
+
+_LEVELS = 4
+
+
+def _level_power(size: int) -> int:
+    return max(4, math.ceil(math.log2(size)) // _LEVELS) if size > 1 else 4
+
+
+def _cascade(rows: list[Tensor], out: Tensor) -> Tensor:
+    """Σ rows into ``out`` (same shape as one row) in the order of torch's cascaded sum."""
+    step = 1 << _level_power(len(rows))
+    if len(rows) <= step + 1:  # one block (+1 row: a + b = b + a): a plain running sum
+        out.zero_()
+        for row in rows:
+            out.add_(row)
+        return out
+    acc = [torch.zeros_like(out) for _ in range(_LEVELS)]
+    mask = step - 1
+    power = _level_power(len(rows))
+    i = 0
+    while i + step <= len(rows):
+        for _ in range(step):
+            acc[0].add_(rows[i])
+            i += 1
+        for j in range(1, _LEVELS):
+            acc[j].add_(acc[j - 1])
+            acc[j - 1].zero_()
+            if i & (mask << (j * power)):
+                break
+    while i < len(rows):
+        acc[0].add_(rows[i])
+        i += 1
+    for j in range(1, _LEVELS):
+        acc[0].add_(acc[j])
+    return out.copy_(acc[0])
+
+
+def _interleaved(rows: list[Tensor], out: Tensor) -> Tensor:
+    """The scalar tail's order: rows ≡ q (mod 4) summed per q (cascaded), leftovers added to
+    the first partial sum, then the four partial sums in order."""
+    groups = len(rows) // 4
+    parts = [_cascade(rows[q : 4 * groups : 4], torch.empty_like(out)) for q in range(4)]
+    for row in rows[4 * groups :]:
+        parts[0].add_(row)
+    for q in range(1, 4):
+        parts[0].add_(parts[q])
+    return out.copy_(parts[0])
+
+
+@functools.lru_cache(maxsize=1)
+def sum_tail_width() -> int:
+    """4 × torch's float32 vector width in its sum kernel (32 with 8-wide vectors): the last
+    d mod (this) columns of a (rows, d) matrix are summed in the interleaved order. Found by
+    matching :func:`column_sum` against
+    ``torch.sum`` on a small probe (one thread: below torch's parallel grain); 0 when no width
+    matches (a torch whose order differs: sums stay correct but are not bit-identical)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, width = 9, 511  # 511 mod 16, 32, 64, 128 all differ
+    x = torch.randn(rows, width, generator=gen) * torch.rand(rows, width, generator=gen).pow(6)
+    want = x.sum(0)
+    for tail in (32, 64, 16, 128):
+        if torch.equal(column_sum(x, torch.empty(width), width, 0, tail, emulate=True), want):
+            return tail
+    return 0
+
+
+def column_sum(
+    x: Tensor,
+    out: Tensor,
+    total: int,
+    start: int,
+    tail_width: int | None = None,
+    emulate: bool = False,
+) -> Tensor:
+    """Σ over dim 0 of ``x`` (rows, m) into ``out`` (m,), bit-identical to the corresponding
+    columns of ``torch.sum(X, dim=0)`` where X is a contiguous (rows, ``total``) matrix whose
+    columns ``start .. start+m`` are ``x``. ``emulate`` never calls ``torch.sum`` (the probe
+    that checks the emulated order uses it)."""
+    tail = sum_tail_width() if tail_width is None else tail_width
+    m = x.shape[1]
+    cut = total - total % tail if tail else total  # first column of torch's interleaved tail
+    split = min(max(cut - start, 0), m)
+    fast = 0
+    if tail and not emulate and torch.get_num_threads() == 1:
+        # one thread, whole vectors of columns: torch.sum takes its cascaded path itself
+        # (with several threads it would split the columns and add tails of its own)
+        fast = split - split % tail
+        if fast:
+            torch.sum(x[:, :fast], dim=0, out=out[:fast])
+    rows = list(x)
+    if fast < split:
+        _cascade([r[fast:split] for r in rows], out[fast:split])
+    if split < m:
+        _interleaved([r[split:] for r in rows], out[split:])
+    return out
+
+
+def column_sum_at(x: Tensor, columns: Tensor, total: int, tail_width: int | None = None) -> Tensor:
+    """:func:`column_sum` for scattered columns: ``columns`` are their positions in the
+    (rows, ``total``) matrix."""
+    tail = sum_tail_width() if tail_width is None else tail_width
+    cut = total - total % tail if tail else total
+    out = torch.empty(x.shape[1], dtype=x.dtype)
+    inner = columns < cut
+    for sel, fn in ((inner, _cascade), (~inner, _interleaved)):
+        if bool(sel.any()):
+            out[sel] = fn([r[sel] for r in x], torch.empty(int(sel.sum()), dtype=x.dtype))
+    return out

@@ -1,66 +1,90 @@
-"""TIES-merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+"""TIES-merging (Yadav et al., NeurIPS 2023, arXiv 2306.01708): trim, elect sign, disjoint merge.
 
-1. Trim: per task keep the top-k fraction of τt by magnitude — over the task's WHOLE
-   flattened vector (``scope: global``, the authors' code) or within each tensor
-   (``scope: per_tensor``).
-2. Elect: per coordinate, γ = sign(Σt trimmed τt).
-3. Disjoint merge: combine only entries whose sign agrees with γ, by sum (the vision code's
-   default) or mean (the paper's T5 setting); θ = θ0 + λ · merged.
+With τt = θt − θ0 over the task's WHOLE flattened vector of d entries (``scope: global``, the
+authors' code) or within each tensor (``scope: per_tensor``):
 
-Streaming: the global thresholds are found one task at a time; the merge then visits one
-parameter at a time holding that parameter for every expert — never N whole models.
+1. Trim (Alg. 1 step 1): τ̂t = τt · 1{|τt| ≥ st}. ``mode: reference`` reproduces the authors'
+   ``topk_values_mask``: n = ⌊k·d⌋ and st = the (d − n)-th smallest |τt|, so n + 1 entries
+   are kept plus ties at st. ``mode: mergelab`` (mergelab ≤ 0.1) keeps round(k·d) entries.
+2. Elect (step 2): γ = sgn(Σt τ̂t). Where γ = 0 the reference code puts the sign of Σ γ over
+   the WHOLE model (its "majority" rule); mergelab mode puts +1.
+3. Disjoint merge (step 3): per coordinate, the entries of τ̂t whose sign is γ, summed
+   (``reduce: sum``, the vision code's default) or averaged over their count (``mean``);
+   θ = θ0 + λ · merged.
+
+Reference mode is bit-identical to the authors' code on float32 checkpoints (run
+single-threaded: with several threads torch's own ``sum`` changes its order at a few
+columns). ``extra_zeros`` counts τ = 0 entries that the reference flattens but mergelab does
+not load — the text-side tensors (token embedding, text projection, ...) left in
+task_vectors ``ImageEncoder`` checkpoints: 25,599,489 for ViT-B/32 and B/16, 38,595,841 for
+ViT-L/14. They change d and therefore the trim threshold (effective density ≈ 0.26 on the
+visual weights for k = 0.2).
+
+Streaming, two reads of every expert: pass 1 finds each task's threshold over one reused
+model-sized |τ| vector (one task at a time, exact linear-time selection); pass 2 visits one
+parameter at a time, holding that parameter for every expert and working through it in
+cache-sized chunks. The model-wide majority sign is only known after pass 2, so the rare
+coordinates where γ = 0 with non-zero trimmed entries (exact cancellation) are kept aside and
+finished at the end. Peak memory: θ0, one |τ| vector (pass 1) or the output (pass 2), and one
+parameter per expert — independent of the number of experts beyond that parameter.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mergelab.errors import ConfigError
+from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
-from mergelab.merge.base import MergeMethod, StateDict, check_experts, iter_params
+from mergelab.merge.base import MergeMethod, StateDict, check_experts
 
 SCOPES = ("global", "per_tensor")
+REDUCES = ("sum", "mean")
+MODES = ops.TRIM_MODES
+
+_CHUNK = 1 << 19  # entries per chunk summed over all experts (T rows × _CHUNK / T columns)
 
 
 class Ties(MergeMethod):
-    """TIES-merging with top-``k`` trim, sign election and disjoint ``reduce`` (sum | mean)."""
+    """TIES-merging with top-``k`` trim, sign election and disjoint ``reduce`` (sum | mean);
+    ``mode`` = reference (the authors' code, bit for bit) | mergelab (round(k·d) kept, zero
+    sums elect +1); ``extra_zeros`` = τ = 0 entries counted in d (global scope only)."""
 
     name = "ties"
 
     def __init__(
-        self, k: float = 0.2, scaling: float = 0.3, reduce: str = "sum", scope: str = "global"
+        self,
+        k: float = 0.2,
+        scaling: float = 0.3,
+        reduce: str = "sum",
+        scope: str = "global",
+        mode: str = "reference",
+        extra_zeros: int = 0,
     ):
         super().__init__()
         self.k = ops.check_fraction("ties k", k)
         self.scaling = float(scaling)
-        if reduce not in ("sum", "mean"):
+        if reduce not in REDUCES:
             raise ConfigError(f"ties reduce must be 'sum' or 'mean', got {reduce!r}")
-        if scope not in SCOPES:
-            raise ConfigError(f"ties scope must be one of {SCOPES}, got {scope!r}")
         self.reduce = reduce
-        self.scope = scope
+        self.scope, self.mode, self.extra_zeros = _check_trim(scope, mode, extra_zeros)
 
     def merge(
         self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
     ) -> StateDict:
-        check_experts(pretrained, experts)
-        thresholds = (
-            ops.global_thresholds(pretrained, experts, self.k) if self.scope == "global" else None
-        )
-        out: StateDict = {}
-        self.merged_keys = []
-        for key, base, vals in iter_params(pretrained, experts):
-            if not base.is_floating_point():
-                out[key] = base.clone()
-                continue
-            b = base.float()
-            trimmed = _trimmed_vectors(b, vals, list(experts), thresholds, self.k)
-            merged = ops.disjoint_merge(trimmed, ops.elect_sign(trimmed), self.reduce)
-            out[key] = (b + self.scaling * merged).to(base.dtype)
-            self.merged_keys.append(key)
+        workers = torch.get_num_threads()
+        with ops.one_thread():
+            run = _TiesRun(
+                pretrained, experts, self.k, self.scope, self.mode, self.extra_zeros, workers
+            )
+            out = run.merge(self.reduce, self.scaling)
+        self.merged_keys = [key for key in pretrained.keys() if key in run.float_keys]
         return out
 
 
@@ -69,39 +93,244 @@ def ties_task_vectors(
     experts: Mapping[str, Mapping[str, Tensor]],
     k: float = 0.2,
     scope: str = "global",
+    mode: str = "reference",
+    extra_zeros: int = 0,
 ) -> dict[str, dict[str, Tensor]]:
     """Per-task TIES-processed task vectors (trimmed, then only the entries agreeing with the
-    elected sign kept), for AdaMerging++ where λ scales each task's processed vector.
-    Float keys only."""
-    check_experts(pretrained, experts)
+    elected sign kept — the reference's ``selected_entries``), for AdaMerging++ where λ
+    scales each task's processed vector. Float keys only, float32."""
     ops.check_fraction("ties k", k)
+    scope, mode, extra_zeros = _check_trim(scope, mode, extra_zeros)
+    workers = torch.get_num_threads()
+    with ops.one_thread():
+        return _TiesRun(pretrained, experts, k, scope, mode, extra_zeros, workers).task_vectors()
+
+
+def _check_trim(scope: str, mode: str, extra_zeros: int) -> tuple[str, str, int]:
     if scope not in SCOPES:
         raise ConfigError(f"ties scope must be one of {SCOPES}, got {scope!r}")
-    thresholds = ops.global_thresholds(pretrained, experts, k) if scope == "global" else None
-    out: dict[str, dict[str, Tensor]] = {t: {} for t in experts}
-    for key, base, vals in iter_params(pretrained, experts):
-        if not base.is_floating_point():
-            continue
-        trimmed = _trimmed_vectors(base.float(), vals, list(experts), thresholds, k)
-        sign = ops.elect_sign(trimmed)
-        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-        for i, task in enumerate(experts):
-            out[task][key] = trimmed[i] * agree[i]
-    return out
+    ops.check_trim_mode(mode)
+    if int(extra_zeros) < 0 or int(extra_zeros) != extra_zeros:
+        raise ConfigError(f"ties extra_zeros must be a count >= 0, got {extra_zeros!r}")
+    if extra_zeros and scope != "global":
+        raise ConfigError(
+            "ties extra_zeros counts entries of the whole flattened vector: scope=global"
+        )
+    return scope, mode, int(extra_zeros)
 
 
-def _trimmed_vectors(
-    base: Tensor,
-    vals: list[Tensor],
-    tasks: list[str],
-    thresholds: dict[str, float] | None,
-    k: float,
-) -> Tensor:
-    """Stack (tasks first) of the trimmed task vectors of one parameter: global thresholds
-    when given, else the top-k within this tensor."""
-    out = []
-    for v, task in zip(vals, tasks):
-        tau = v.float() - base
-        thr = thresholds[task] if thresholds is not None else ops.magnitude_threshold(tau, k)
-        out.append(ops.trim(tau, thr))
-    return torch.stack(out)
+@dataclass
+class _Chunk:
+    """One parameter in pass 2: what every chunk of it needs."""
+
+    key: str
+    start: int  # its first column in the reference's flattened vector
+    b: Tensor  # θ0, flat float32
+    vs: list[Tensor]  # θt, flat float32
+    thr: Tensor  # (T, 1) trim thresholds
+    res: Tensor | None  # merged output (flat) or None
+    vec: list[Tensor] | None  # per-task selected entries (flat) or None
+    reduce: str
+    scaling: float
+
+
+@dataclass
+class _Deferred:
+    """Coordinates of one parameter whose elected sign is 0 although some trimmed entry is
+    not. The pass elects +1 there; the reference's model-wide majority sign, known only
+    after the pass, may turn that into −1."""
+
+    key: str
+    index: Tensor  # flat positions within the parameter
+    column: Tensor  # positions in the reference's flattened vector (for the sum order)
+    trimmed: Tensor  # (T, z) trimmed entries
+
+
+class _TiesRun:
+    """One TIES computation over a pool: thresholds (pass 1), then the streamed merge."""
+
+    def __init__(
+        self, pretrained, experts, k: float, scope: str, mode: str, extra_zeros: int, workers: int
+    ):
+        check_experts(pretrained, experts)
+        self.workers = max(1, int(workers))
+        self.experts = experts
+        self.tasks = list(experts)
+        self.k, self.scope, self.mode = k, scope, mode
+        self.base = {key: pretrained[key] for key in pretrained.keys()}  # θ0 read once
+        # the reference flattens the state dict in sorted key order; extra zeros (text-side
+        # keys) sort before the visual ones
+        self.float_keys = [key for key in sorted(self.base) if self.base[key].is_floating_point()]
+        self.extra_zeros = extra_zeros
+        self.start: dict[str, int] = {}
+        at = extra_zeros
+        for key in self.float_keys:
+            self.start[key] = at
+            at += self.base[key].numel()
+        self.total = at
+        self.gamma_sum = 0
+        self.thresholds: dict[str, float] | None = None
+        # pass 1's |τ| scratch, one float32 tensor per key: it becomes the merged output in
+        # pass 2, so the output costs no memory (nor page faults) of its own
+        self.scratch: dict[str, Tensor] = {}
+        if scope == "global":
+            fbase = {key: self.base[key] for key in self.float_keys}
+            self.scratch = {key: torch.empty(b.numel()) for key, b in fbase.items()}
+            self.thresholds = {}
+            for task in self.tasks:
+                ops.fill_abs_task_vector(self.scratch, fbase, self.experts[task], task)
+                self.thresholds[task] = ops.trim_threshold(
+                    list(self.scratch.values()), self.k, self.mode, self.extra_zeros
+                )
+
+    def merge(self, reduce: str, scaling: float) -> StateDict:
+        results: dict[str, Tensor] = {}
+        deferred = self._stream(reduce, scaling, results, None)
+        self._finish(deferred, results, None, reduce, scaling)
+        out: StateDict = {}
+        for key, base in self.base.items():
+            if key in results:
+                out[key] = results[key].view(base.shape).to(base.dtype)
+            else:
+                out[key] = base.clone()
+        return out
+
+    def task_vectors(self) -> dict[str, dict[str, Tensor]]:
+        self.scratch = {}  # no merged output to hold: free pass 1's scratch
+        vectors: dict[str, dict[str, Tensor]] = {t: {} for t in self.tasks}
+        deferred = self._stream("sum", 1.0, None, vectors)
+        self._finish(deferred, None, vectors, "sum", 1.0)
+        return {
+            t: {key: vectors[t][key].view(self.base[key].shape) for key in self.float_keys}
+            for t in self.tasks
+        }
+
+    def _stream(self, reduce, scaling, results, vectors) -> list[_Deferred]:
+        """Pass 2: per parameter, its chunks go to ``workers`` threads (each op inside runs
+        single-threaded; the chunks are independent), while the next parameter is read."""
+        T = len(self.tasks)
+        width = max(1, _CHUNK // T)
+        deferred: list[_Deferred] = []
+        local = threading.local()
+        reads = ((key, [self.experts[t][key] for t in self.tasks]) for key in sorted(self.base))
+        with ThreadPoolExecutor(self.workers) as pool:
+            for key, vals in ops.prefetched(reads):
+                base = self.base[key]
+                if not base.is_floating_point():
+                    for task, v in zip(self.tasks, vals):
+                        if v.shape != base.shape or not torch.equal(v, base):
+                            raise CheckpointError(
+                                f"expert {task!r}: non-float key {key!r} differs from "
+                                "pretrained; it cannot be merged arithmetically"
+                            )
+                    continue
+                b = base.reshape(-1).float()
+                vs = [
+                    self._checked(t, key, v, base).reshape(-1).float()
+                    for t, v in zip(self.tasks, vals)
+                ]
+                thr = torch.tensor(self._key_thresholds(key, b, vs)).view(T, 1)
+                n = b.numel()
+                res = None
+                if results is not None:
+                    res = self.scratch.pop(key, None)
+                    res = torch.empty(n) if res is None else res
+                vec = [torch.empty(n) for _ in range(T)] if vectors is not None else None
+                job = _Chunk(key, self.start[key], b, vs, thr, res, vec, reduce, scaling)
+                spans = [(lo, min(n, lo + width)) for lo in range(0, n, width)]
+                for part in pool.map(
+                    lambda span, job=job: self._chunk(job, *span, local, width), spans
+                ):
+                    self.gamma_sum += part[0]
+                    deferred.extend(part[1])
+                if res is not None:
+                    results[key] = res
+                if vec is not None:
+                    for t, task in enumerate(self.tasks):
+                        vectors[task][key] = vec[t]
+        return deferred
+
+    def _chunk(self, job: _Chunk, lo: int, hi: int, local, width: int):
+        """Trim → elect (zero sums: +1 for now) → disjoint merge on columns lo..hi of one
+        parameter, in the reference's arithmetic (same products, same order of additions).
+        Returns this chunk's Σ γ and its deferred columns."""
+        T, m = len(self.tasks), hi - lo
+        if not hasattr(local, "ws"):  # per-thread workspace, cache-sized
+            local.ws = [torch.empty(T * width) for _ in range(3)] + [
+                torch.empty(width) for _ in range(3)
+            ]
+        W1, W2, M, S, G, R = local.ws
+        trimmed, kept = W1[: T * m].view(T, m), W2[: T * m].view(T, m)
+        mask, s, g, r = M[: T * m].view(T, m), S[:m], G[:m], R[:m]
+        column = job.start + lo
+        for t in range(T):
+            torch.sub(job.vs[t][lo:hi], job.b[lo:hi], out=trimmed[t])
+        torch.abs(trimmed, out=mask)
+        mask.ge_(job.thr)
+        trimmed.mul_(mask)  # τ̂ = τ · 1{|τ| ≥ s}, the reference's product
+        ops.column_sum(trimmed, s, self.total, column)
+        gamma = 0
+        if self.mode == "reference":
+            torch.sign(s, out=g)
+            gamma = int(g.sum())  # exact: |Σ| ≤ width < 2^24
+        torch.ge(s, 0, out=g)
+        g.mul_(2).sub_(1)  # sgn(Σ τ̂), with +1 where it is 0 (provisional; see _finish)
+        torch.mul(trimmed, g, out=mask)
+        mask.gt_(0)  # the entry's sign is γ
+        torch.mul(trimmed, mask, out=kept)
+        ops.column_sum(kept, r, self.total, column)
+        deferred = []
+        if self.mode == "reference":
+            # γ = 0 although something was kept: the entries cancelled exactly
+            live = torch.nonzero((s == 0) & (r != 0)).squeeze(1)
+            if live.numel():
+                deferred.append(
+                    _Deferred(job.key, lo + live, column + live, trimmed[:, live].clone())
+                )
+        if job.vec is not None:
+            for t in range(T):
+                job.vec[t][lo:hi].copy_(kept[t])
+        if job.res is not None:
+            if job.reduce == "mean":
+                r.div_(mask.sum(0).clamp_(min=1))
+            torch.mul(r, job.scaling, out=r)
+            torch.add(job.b[lo:hi], r, out=job.res[lo:hi])
+        return gamma, deferred
+
+    def _checked(self, task: str, key: str, v: Tensor, base: Tensor) -> Tensor:
+        if v.shape != base.shape:
+            raise CheckpointError(
+                f"expert {task!r}: key {key!r} has shape {tuple(v.shape)}, "
+                f"pretrained has {tuple(base.shape)}"
+            )
+        return v
+
+    def _key_thresholds(self, key: str, b: Tensor, vs: list[Tensor]) -> list[float]:
+        if self.thresholds is not None:
+            return [self.thresholds[t] for t in self.tasks]
+        out = []
+        for task, v in zip(self.tasks, vs):
+            a = (v - b).abs_()
+            if a.numel() and not math.isfinite(float(a.max())):
+                who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
+                raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+            out.append(ops.trim_threshold(a, self.k, self.mode))
+        return out
+
+    def _finish(self, deferred, results, vectors, reduce, scaling) -> None:
+        """Where γ = 0, the reference puts the model-wide majority sign sgn(Σ γ): the pass
+        kept the positive entries (right when it is +1); otherwise keep the negative ones."""
+        if self.gamma_sum > 0:
+            return
+        for d in deferred:
+            keep = d.trimmed < 0
+            selected = d.trimmed * keep
+            if vectors is not None:
+                for t, task in enumerate(self.tasks):
+                    vectors[task][d.key][d.index] = selected[t]
+            if results is not None:
+                merged = ops.column_sum_at(selected, d.column, self.total)
+                if reduce == "mean":
+                    merged = merged / keep.sum(0).float().clamp(min=1)
+                b = self.base[d.key].reshape(-1).float()[d.index]
+                results[d.key][d.index] = b + scaling * merged

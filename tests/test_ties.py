@@ -1,0 +1,318 @@
+"""TIES-merging: hand-computed answers, and bit-for-bit agreement with an independent,
+straightforward re-implementation of the authors' reference code (flatten everything,
+``torch.kthvalue``, model-wide majority sign), on random pools built to hit the edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab.errors import ConfigError
+from mergelab.merge import ops
+from mergelab.merge import ties as ties_module
+from mergelab.merge.task_arithmetic import TaskArithmetic
+from mergelab.merge.ties import Ties, ties_task_vectors
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def assert_bitwise(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        diff = int((bits(got[key]) != bits(want[key])).sum())
+        assert diff == 0, f"{key}: {diff} entries differ in their bits"
+
+
+# --- the reference semantics, written out plainly --------------------------------------------
+
+
+def reference_ties(p, experts, k, lam, reduce="sum", extra_zeros=0, scope="global"):
+    """The authors' merge_utils.py semantics on the whole flattened model: returns the merged
+    state dict and each task's selected entries. Keys are flattened in sorted order; the
+    extra zeros stand for tensors the checkpoint holds but mergelab does not load."""
+    keys = sorted(p)
+    pad = torch.zeros(extra_zeros)
+    flat_p = torch.cat([pad] + [p[key].reshape(-1) for key in keys])
+    flat = torch.stack(
+        [torch.cat([pad] + [sd[key].reshape(-1) for key in keys]) for sd in experts.values()]
+    )
+    tv = flat - flat_p
+    if scope == "global":
+        d = tv.shape[1]
+        kth, _ = tv.abs().kthvalue(d - int(d * k), dim=1, keepdim=True)
+        trimmed = tv * (tv.abs() >= kth)
+    else:  # the same trim within each tensor
+        trimmed = torch.empty_like(tv)
+        at = extra_zeros
+        for key in keys:
+            n = p[key].numel()
+            part = tv[:, at : at + n]
+            kth, _ = part.abs().kthvalue(n - int(n * k), dim=1, keepdim=True)
+            trimmed[:, at : at + n] = part * (part.abs() >= kth)
+            at += n
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())  # "majority": a model-wide quantity
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    if reduce == "sum":
+        merged_tv = selected.sum(dim=0)
+    else:
+        merged_tv = selected.sum(dim=0) / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
+    merged = flat_p + lam * merged_tv
+
+    def unflatten(vec):
+        out, at = {}, extra_zeros
+        for key in keys:
+            n = p[key].numel()
+            out[key] = vec[at : at + n].reshape(p[key].shape)
+            at += n
+        return out
+
+    return unflatten(merged), {t: unflatten(selected[i]) for i, t in enumerate(experts)}
+
+
+def random_pool(n_tasks, seed, shapes=((37, 13), (301,), (5, 7, 3), (250, 4)), flip=False):
+    """θ0 ≠ 0; task vectors on a coarse grid (many exact ties, also at the trim threshold);
+    the first 24 entries of every tensor cancel exactly between experts 0 and 1 (γ = 0 with
+    kept entries); ``flip`` mirrors every task vector (so the majority sign flips)."""
+    g = torch.Generator().manual_seed(seed)
+    names = [f"k{i}" for i in range(len(shapes))][::-1]  # dict order ≠ sorted order
+    p = {name: torch.randn(s, generator=g) for name, s in zip(names, shapes)}
+    taus = []
+    for t in range(n_tasks):
+        tau = {}
+        for name, v in p.items():
+            x = torch.randn(v.shape, generator=g) * torch.rand(v.shape, generator=g) ** 2
+            x = torch.round(x * 8) / 8  # coarse grid → ties
+            if t < 2:
+                x.view(-1)[:24] = 3.0 if t == 0 else -3.0
+            tau[name] = -x if flip else x
+        taus.append(tau)
+    experts = {f"t{t}": {k: p[k] + tau[k] for k in p} for t, tau in enumerate(taus)}
+    return p, experts
+
+
+# --- hand-computed answers -------------------------------------------------------------------
+
+
+def hand_pool():
+    """θ0 ≠ 0; three experts; d = 5 entries per task over two tensors."""
+    p = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5, 3.0, 0.0])}
+    taus = [
+        {"a": [-0.5, -1.0], "b": [2.0, 0.25, -0.125]},
+        {"a": [-0.75, -0.5], "b": [1.0, -4.0, 0.25]},
+        {"a": [0.25, 1.0], "b": [-3.0, 0.5, 0.5]},
+    ]
+    experts = {
+        f"e{i}": {k: p[k] + torch.tensor(v) for k, v in tau.items()} for i, tau in enumerate(taus)
+    }
+    return p, experts
+
+
+def test_reference_mode_known_answer_theta0_nonzero_lambda_half():
+    """k = 0.4, d = 5: n = ⌊2.0⌋ = 2, threshold = the 3rd smallest |τ|, keep |τ| ≥ it.
+    e0: |.5 1 2 .25 .125| → s = .5 → keeps a = [-.5, -1], b = [2, 0, 0]
+    e1: |.75 .5 1 4 .25|  → s = .75 → keeps a = [-.75, 0], b = [1, -4, 0]
+    e2: |.25 1 3 .5 .5|   → s = .5 → keeps a = [0, 1], b = [-3, .5, .5] (a tie: 4 kept)
+    Σ: a = [-1.25, 0], b = [0, -3.5, .5] → γ = [-1, 0], [0, -1, +1]; Σγ = -1 → the two
+    zeros become -1 (keep the negative entries there):
+    sum:  a = [-.5-.75, -1], b = [-3, -4, .5];   mean: a = [-.625, -1], b likewise.
+    θ = θ0 + 0.5·merged."""
+    p, e = hand_pool()
+    got = Ties(k=0.4, scaling=0.5, reduce="sum").merge(p, e)
+    assert torch.equal(got["a"], torch.tensor([0.375, -2.5]))
+    assert torch.equal(got["b"], torch.tensor([-1.0, 1.0, 0.25]))
+    got = Ties(k=0.4, scaling=0.5, reduce="mean").merge(p, e)
+    assert torch.equal(got["a"], torch.tensor([0.6875, -2.5]))
+    assert torch.equal(got["b"], torch.tensor([-1.0, 1.0, 0.25]))
+    vec = ties_task_vectors(p, e, k=0.4)
+    assert torch.equal(vec["e0"]["a"], torch.tensor([-0.5, -1.0]))
+    assert torch.equal(vec["e0"]["b"], torch.tensor([0.0, 0.0, 0.0]))  # +2 lost to γ = -1
+    assert torch.equal(vec["e2"]["b"], torch.tensor([-3.0, 0.0, 0.5]))
+
+
+def test_reference_majority_follows_the_whole_model():
+    """Mirroring every task vector mirrors the merge: the zero-sum coordinates now take +1."""
+    p, e = hand_pool()
+    mirrored = {t: {k: 2 * p[k] - v[k] for k in p} for t, v in e.items()}
+    got = Ties(k=0.4, scaling=0.5).merge(p, mirrored)
+    assert torch.equal(got["a"], torch.tensor([1.625, -1.5]))
+    assert torch.equal(got["b"], torch.tensor([2.0, 5.0, -0.25]))
+
+
+def test_mergelab_mode_known_answer():
+    """round(0.4·5) = 2 kept per task (thresholds 1, 1, 1); zero sums elect +1:
+    Σ: a = [0, 0], b = [0, -4, 0] → a1 keeps +1, b0 keeps 2 + 1 → merged a = [0, 1],
+    b = [3, -4, 0]; θ = θ0 + 0.5·merged."""
+    p, e = hand_pool()
+    got = Ties(k=0.4, scaling=0.5, mode="mergelab").merge(p, e)
+    assert torch.equal(got["a"], torch.tensor([1.0, -1.5]))
+    assert torch.equal(got["b"], torch.tensor([2.0, 1.0, 0.0]))
+
+
+def test_extra_zeros_raise_the_density_on_the_loaded_entries():
+    """e0's |τ| = .5, 1, 2, .25, .125 (d = 5, k = 0.4). With 3 extra zeros d = 8, n = 3 and the
+    threshold is the 5th smallest of all = the 2nd smallest loaded |τ| = .25 (4 of 5 kept,
+    not 3); with 5 (d = 10, rank 6) it is the smallest loaded |τ|: everything loaded is kept;
+    with 10 (d = 15, rank 9) among the zeros. (The effect of the text-side tensors of task_vectors
+    checkpoints.)"""
+    p, e = hand_pool()
+    tau = [(e["e0"][k] - p[k]).abs() for k in p]
+    assert ops.trim_threshold(tau, 0.4) == 0.5
+    assert ops.trim_threshold(tau, 0.4, extra_zeros=3) == 0.25
+    assert ops.trim_threshold(tau, 0.4, extra_zeros=5) == 0.125
+    assert ops.trim_threshold(tau, 0.4, extra_zeros=10) == 0.0
+
+
+def test_k_edges():
+    """k = 1 keeps everything (the reference code crashes there); without sign conflicts
+    TIES-sum is then task arithmetic. k = 0 in reference mode keeps each task's largest."""
+    p = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    e = {
+        "a": {"w": p["w"] + torch.tensor([1.0, 2.0, 0.0, 3.0])},
+        "b": {"w": p["w"] + torch.tensor([2.0, 0.5, 1.0, 0.0])},
+    }
+    for mode in ("reference", "mergelab"):
+        torch.testing.assert_close(
+            Ties(k=1.0, scaling=0.3, mode=mode).merge(p, e)["w"],
+            TaskArithmetic(0.3).merge(p, e)["w"],
+        )
+    vec = ties_task_vectors(p, e, k=0.0)
+    assert torch.equal(vec["a"]["w"], torch.tensor([0.0, 0.0, 0.0, 3.0]))
+    assert torch.equal(vec["b"]["w"], torch.tensor([2.0, 0.0, 0.0, 0.0]))
+    assert torch.count_nonzero(ties_task_vectors(p, e, k=0.0, mode="mergelab")["a"]["w"]) == 0
+
+
+# --- bit for bit against the reference semantics ---------------------------------------------
+
+
+@pytest.mark.parametrize("n_tasks", [2, 3, 8, 18])
+@pytest.mark.parametrize("flip", [False, True])
+def test_reference_mode_is_bitwise_the_reference(n_tasks, flip):
+    p, e = random_pool(n_tasks, seed=n_tasks, flip=flip)
+    for k, reduce, extra in [
+        (0.2, "sum", 0),
+        (0.5, "mean", 0),
+        (0.1, "sum", 1000),
+        (0.9, "mean", 7),
+    ]:
+        want, want_vec = reference_ties(p, e, k, 0.3, reduce, extra)
+        assert_bitwise(Ties(k=k, scaling=0.3, reduce=reduce, extra_zeros=extra).merge(p, e), want)
+        got_vec = ties_task_vectors(p, e, k=k, extra_zeros=extra)
+        for t in e:
+            assert_bitwise(got_vec[t], want_vec[t])
+    # the pool hits the edge cases: ties at the threshold, γ = 0 where entries were kept,
+    # and a non-zero majority sign
+    tau = torch.stack([torch.cat([(e[t][k] - p[k]).reshape(-1) for k in sorted(p)]) for t in e])
+    d = tau.shape[1]
+    kth = tau.abs().kthvalue(d - int(d * 0.2), dim=1, keepdim=True).values
+    assert ((tau.abs() == kth).sum(1) > 1).any()
+    trimmed = tau * (tau.abs() >= kth)
+    gamma = torch.sign(trimmed.sum(0))
+    assert ((gamma == 0) & (trimmed != 0).any(0)).any()
+    assert gamma.sum() != 0  # and flip=True mirrors it: both majority signs are exercised
+
+
+def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monkeypatch):
+    """Many chunks per tensor, two worker threads, and the sampled-bracket selection (plus its
+    exact fallback when the bracket misses) change nothing."""
+    p, e = random_pool(5, seed=11, shapes=((400, 41), (1000,), (3, 3)))
+    want, want_vec = reference_ties(p, e, 0.2, 0.7, "sum")
+    monkeypatch.setattr(ties_module, "_CHUNK", 5 * 333)
+    monkeypatch.setattr(ops, "_PARTITION_BELOW", 100)
+    monkeypatch.setattr(ops, "_SAMPLE", 1000)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
+        monkeypatch.setattr(ops, "_BRACKET_SIGMAS", -10.0)  # an empty bracket: always misses
+        assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.get_num_threads() == n  # the merge restores the thread setting
+
+
+def test_per_tensor_scope_is_bitwise_the_reference_trim_per_tensor():
+    p, e = random_pool(4, seed=3)
+    for k in (0.2, 0.6):
+        want, want_vec = reference_ties(p, e, k, 0.3, "sum", scope="per_tensor")
+        assert_bitwise(Ties(k=k, scaling=0.3, scope="per_tensor").merge(p, e), want)
+        got = ties_task_vectors(p, e, k=k, scope="per_tensor")
+        for t in e:
+            assert_bitwise(got[t], want_vec[t])
+
+
+def test_mergelab_mode_is_the_previous_behaviour():
+    """mode=mergelab: round(k·d) kept and zero sums elect +1, as mergelab did before."""
+    p, e = random_pool(4, seed=5)
+    for k in (0.2, 0.5):
+        thr = ops.global_thresholds(p, e, k)  # mergelab's count (the default for callers)
+        want = {}
+        for key in p:
+            trimmed = torch.stack([ops.trim(e[t][key] - p[key], thr[t]) for t in e])
+            merged = ops.disjoint_merge(trimmed, ops.elect_sign(trimmed), "sum")
+            want[key] = p[key] + 0.3 * merged
+        got = Ties(k=k, scaling=0.3, mode="mergelab").merge(p, e)
+        for key in p:
+            assert torch.equal(got[key], want[key]), key
+
+
+# --- the building blocks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 5000, 40_000])
+def test_kth_smallest_is_kthvalue(n, monkeypatch):
+    monkeypatch.setattr(ops, "_PARTITION_BELOW", 64)
+    monkeypatch.setattr(ops, "_SAMPLE", 512)
+    g = torch.Generator().manual_seed(n)
+    x = torch.round(torch.randn(n, generator=g).abs() * 16) / 16  # many ties
+    for r in sorted({1, n, (n + 1) // 2, max(1, n - n // 5)}):
+        want = float(torch.kthvalue(x, r).values)
+        assert ops.kth_smallest(x, r) == want
+        assert ops.kth_smallest(list(x.split(max(1, n // 3))), r) == want  # as segments
+    with pytest.raises(ValueError):
+        ops.kth_smallest(x, n + 1)
+
+
+def test_column_sum_follows_torch_sum_order():
+    assert ops.sum_tail_width() > 0  # the probe recognised torch's kernel on this CPU
+    for rows in (1, 2, 5, 8, 17, 18, 33):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, 1000, generator=g) * torch.rand(rows, 1000, generator=g) ** 6
+        want = x.sum(0)
+        got = ops.column_sum(x, torch.empty(1000), 1000, 0, emulate=True)
+        assert torch.equal(bits(got), bits(want)), rows
+        # a block of columns taken from the middle / the end of the wide matrix
+        for lo, hi in ((96, 480), (640, 1000)):
+            part = ops.column_sum(x[:, lo:hi].contiguous(), torch.empty(hi - lo), 1000, lo)
+            assert torch.equal(bits(part), bits(want[lo:hi])), (rows, lo)
+        cols = torch.tensor([3, 500, 990, 999])
+        assert torch.equal(ops.column_sum_at(x[:, cols], cols, 1000), want[cols])
+
+
+def test_bad_config_is_one_clear_error():
+    with pytest.raises(ConfigError, match="mode"):
+        Ties(mode="fast")
+    with pytest.raises(ConfigError, match="extra_zeros.*scope=global"):
+        Ties(scope="per_tensor", extra_zeros=5)
+    with pytest.raises(ConfigError, match="extra_zeros"):
+        Ties(extra_zeros=-1)
+    with pytest.raises(ConfigError, match="k must be a fraction"):
+        ties_task_vectors({}, {}, k=2.0)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_non_finite_or_misshapen_expert_is_named(scope):
+    from mergelab.errors import CheckpointError
+
+    p, e = hand_pool()
+    e["e1"]["b"][2] = float("nan")
+    with pytest.raises(CheckpointError, match=r"expert 'e1'.*'b'.*non-finite"):
+        Ties(scope=scope).merge(p, e)
+    p, e = hand_pool()
+    e["e2"]["a"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"expert 'e2'.*'a'.*shape"):
+        Ties(scope=scope).merge(p, e)
