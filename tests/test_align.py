@@ -103,6 +103,21 @@ def test_weight_matching_recovers_a_permuted_model_exactly(within_head):
     assert 1 < sweeps < 100
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weight_matching_recovers_a_fresh_deep_tower_whose_blocks_dominate(seed):
+    """A freshly initialised tower (LayerNorms 1, biases 0: no signal there) whose blocks
+    hold most of the weights: the residual stream is identified only by the patch
+    embedding, positions and projection. Solving the stream after the blocks gets stuck at
+    the identity (5 of 6 seeds did before the hubs-first first sweep); this pins the fix."""
+    cfg = dict(image_size=8, patch_size=4, width=32, layers=6, head_width=8, mlp_ratio=8.0)
+    torch.manual_seed(seed)
+    model = build_openclip_vision(8, **cfg)
+    spec, sd = spec_for(model), model.state_dict()
+    psd = spec.apply(sd, spec.random(torch.Generator().manual_seed(100 + seed)))
+    Q, _ = weight_matching(spec, sd, psd, seed=seed)
+    assert_same_state(spec.apply(psd, Q), sd)
+
+
 def test_activation_matching_recovers_a_permuted_model_exactly(tmp_path):
     spec, sd, P, psd = permuted(seed=4)
     loader = unlabeled_loader(TensorDataset(images(32, 9)), None, 8, 0)
