@@ -22,6 +22,7 @@ from mergelab.merge.conditional import (
 )
 from mergelab.merge.emr import EMR
 from mergelab.merge.tall_masks import TallMasks
+from mergelab.merge.ties import Ties
 from mergelab.pool.base import MultiTaskModel
 from mergelab.surgery.bias import measure_bias
 from mergelab.surgery.stats import StatsSurgery
@@ -139,6 +140,18 @@ def test_tall_masks_known_answer_strict():
     # α scales every task's masked vector; per-task λ as a mapping
     half = TallMasks(tall_lambda={"t1": 0.5, "t2": 0.5}, scaling=0.5).merge(pre, experts)
     assert torch.equal(half.materialize("t2")["w"], torch.tensor([1.0, 0.0, -1.0, 0.75]))
+
+
+def test_tall_masks_over_ties_masks_the_ties_merge(pool):
+    r = TallMasks(base="ties", tall_lambda=0.6).merge(pool.pretrained, pool.experts)
+    ties = Ties(k=0.2, scaling=1.0, reduce="sum").merge(pool.pretrained, pool.experts)
+    for key, theta in r.shared.items():
+        assert torch.allclose(theta, ties[key], atol=1e-6), key
+        tau_mtl = ties[key].double() - pool.pretrained[key].double()
+        for t in pool.tasks:
+            tau = pool.experts[t][key].double() - pool.pretrained[key].double()
+            want = tau.abs() > 0.6 * (tau_mtl - tau).abs()
+            assert torch.equal(r.mask(t, key), want), (t, key)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -15,19 +15,20 @@ validation data, which mergelab's benchmark does not have (its test split is the
 adaptation data) — pass a task → λ mapping to set them yourself.
 
 The mask and the multi-task vector are those of :mod:`mergelab.merge.masks` (shared with
-Consensus merging). Task vectors are taken in float64 here, so a single expert's θ0 + τMTL is
-that expert bit for bit. Streams over parameters: one parameter per expert at a time.
+Consensus merging; ``base=ties`` takes τMTL from the Ties class through it). With
+``base=task_arithmetic`` the task vectors are taken in float64, so a single expert's
+θ0 + τMTL is that expert bit for bit. Streams over parameters: one parameter per expert at a
+time (plus the TIES pass for ``base=ties``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from mergelab.merge import masks as tall
-from mergelab.merge import ops
 from mergelab.merge.base import MergeMethod, check_experts, iter_params
 from mergelab.merge.conditional import TaskConditionalMerge, pack_bits
 
@@ -73,26 +74,25 @@ class TallMasks(MergeMethod):
         check_experts(pretrained, experts)
         tasks = list(experts)
         lambdas = tall.resolve_lambdas(self.tall_lambda, tasks)
-        thresholds = None
-        if self.base == "ties" and self.ties_scope == "global":
-            by_task = ops.global_thresholds(pretrained, experts, self.ties_k)
-            thresholds = [by_task[t] for t in tasks]
+        if self.base == "ties":  # τMTL from the Ties class, as Consensus merging takes it
+            params = (
+                (p.key, p.base, p.tau_mtl, p.masks)
+                for p in tall.iter_tall_masks(
+                    pretrained, experts, self.tall_lambda, "ties",
+                    self.ties_k, self.ties_reduce, self.ties_scope,
+                )
+            )  # fmt: skip
+        else:
+            params = _task_arithmetic_masks(pretrained, experts, lambdas)
         base_weights, shared = {}, {}
         masks: dict[str, dict[str, Tensor]] = {t: {} for t in tasks}
         self.merged_keys = []
-        for key, base, vals in iter_params(pretrained, experts):
+        for key, base, tau_mtl, task_masks in params:
             base_weights[key] = base
-            if not base.is_floating_point():
+            if tau_mtl is None:  # an integer buffer, the same in every model
                 continue
-            b = base.double()
-            taus = torch.stack([v.double() - b for v in vals])  # exact: no rounding here
-            # TIES trims the float32 vectors, as ties.py does, so the thresholds match.
-            mtl_in = taus if self.base == "task_arithmetic" else taus.float()
-            tau_mtl = tall.multitask_vector(
-                mtl_in, self.base, thresholds, self.ties_k, self.ties_reduce
-            ).double()
-            shared[key] = (b + tau_mtl).to(base.dtype)
-            for t, m in zip(tasks, tall.tall_masks(taus, tau_mtl, lambdas)):
+            shared[key] = (base.double() + tau_mtl.double()).to(base.dtype)
+            for t, m in zip(tasks, task_masks):
                 masks[t][key] = pack_bits(m)
             self.merged_keys.append(key)
         return TaskConditionalMerge(
@@ -103,3 +103,21 @@ class TallMasks(MergeMethod):
             method=self.name,
             meta={"tall_lambda": dict(zip(tasks, lambdas))},
         )
+
+
+def _task_arithmetic_masks(
+    pretrained: Mapping[str, Tensor],
+    experts: Mapping[str, Mapping[str, Tensor]],
+    lambdas: list[float],
+) -> Iterator[tuple[str, Tensor, Tensor | None, Tensor | None]]:
+    """Per key: θ0, τMTL = Σt τt and the TALL masks, from float64 task vectors — the
+    difference of two float32 weights is exact in float64, so θ0 + τMTL of a single expert is
+    that expert bit for bit (float32 τt would round it)."""
+    for key, base, vals in iter_params(pretrained, experts):
+        if not base.is_floating_point():
+            yield key, base, None, None
+            continue
+        b = base.double()
+        taus = torch.stack([v.double() - b for v in vals])
+        tau_mtl = tall.multitask_vector(taus, "task_arithmetic")
+        yield key, base, tau_mtl, tall.tall_masks(taus, tau_mtl, lambdas)
