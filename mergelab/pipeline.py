@@ -16,11 +16,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab.align.base import Alignment
+from mergelab.analysis.geometry import cached_geometry, write_geometry
+from mergelab.analysis.geometry import summary as geometry_summary
 from mergelab.context import RunContext
 from mergelab.errors import ConfigError, MergelabError
 from mergelab.eval import report
 from mergelab.eval.baselines import baselines
 from mergelab.eval.evaluator import evaluate
+from mergelab.eval.provenance import provenance
 from mergelab.merge.base import AdaptiveMerge, MergeMethod
 from mergelab.merge.conditional import TaskConditionalMerge
 from mergelab.pool.base import MultiTaskModel
@@ -192,6 +195,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         base = baselines(pool, ctx, cfg.paths.cache_dir)
         timings["baselines_s"] = time.time() - t
 
+        geometry = None
+        if analysis.get("task_vectors", True):  # the pool's regime: norms and cosines of τt
+            t = time.time()
+            geometry = cached_geometry(pool, cfg.paths.cache_dir)
+            write_geometry(geometry, out_dir, f"{pool.family}/{pool.backbone} task vectors")
+            timings["geometry_s"] = time.time() - t
+
         merge_name, surgery_name = _choice(cfg, "merge"), _choice(cfg, "surgery")
         label = _label(cfg, "merge")
         if aligner is not None and aligner.name != "none":
@@ -216,7 +226,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             "merge": merge_name,
             "align": aligner.report if aligner is not None else None,
             "surgery": surgery_name,
-            "rank": int(cfg.rank),
+            "rank": getattr(surgery, "rank", None),  # as used (None: the kind has no rank)
             "label": label,
             "tasks": tasks,
             "accuracy": merged_acc,
@@ -227,6 +237,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "config": OmegaConf.to_container(cfg, resolve=True),
             "pool_meta": pool.meta,
+            "task_vectors": geometry_summary(geometry) if geometry is not None else None,
+            "provenance": provenance(ctx),
             "representation_bias": bias,
             "merge_storage": storage,  # task-conditional merges: bytes shared / per task
         }

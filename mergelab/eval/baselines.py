@@ -1,39 +1,72 @@
-"""Baseline rows (pretrained model, individual experts), computed once per pool and cached."""
+"""Baseline rows (pretrained model, individual experts), computed once per pool and cached.
+
+The cache is keyed by everything that changes these numbers: the pool's identity (family,
+backbone, meta, a fingerprint of θ0), the evaluation's precision and device type, and per
+task a fingerprint of its expert, head and preprocessed test data — so a row computed for
+another zoo, data version, preprocessing or precision is never reused.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from mergelab.context import RunContext
 from mergelab.eval.evaluator import evaluate
+from mergelab.eval.provenance import key_hash, normalized, pool_identity, task_fingerprint
 from mergelab.eval.report import atomic_write
 from mergelab.pool.base import ModelPool, MultiTaskModel
 
 
-def baseline_cache_path(pool: ModelPool, cache_dir: str | Path) -> Path:
-    ident = json.dumps(
-        {"family": pool.family, "backbone": pool.backbone, "meta": pool.meta},
-        sort_keys=True,
-        default=str,
-    )
-    h = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / "baselines" / f"{pool.family}-{h}.json"
+def baseline_key(pool: ModelPool, ctx: RunContext | None = None) -> dict[str, Any]:
+    """The pool's identity plus how it is evaluated (precision, device type)."""
+    trainer = ctx.trainer if ctx is not None else {}
+    return {
+        **pool_identity(pool),
+        "precision": str(trainer.get("precision", "32-true")),
+        "device_type": ctx.device.type if ctx is not None else "cpu",
+    }
+
+
+def cache_dir_of(cache_dir: str | Path) -> Path:
+    return Path(cache_dir).expanduser() / "baselines"
+
+
+def baseline_cache_path(
+    pool: ModelPool, cache_dir: str | Path, ctx: RunContext | None = None
+) -> Path:
+    return cache_dir_of(cache_dir) / f"{pool.family}-{key_hash(baseline_key(pool, ctx))}.json"
 
 
 def baselines(
     pool: ModelPool, ctx: RunContext, cache_dir: str | Path
 ) -> dict[str, dict[str, float]]:
-    """``{"pretrained": {task: acc}, "experts": {task: acc of θt on task t}}``, cached per task."""
-    path = baseline_cache_path(pool, cache_dir)
-    cached = json.loads(path.read_text()) if path.exists() else {"pretrained": {}, "experts": {}}
-    todo = [t for t in pool.tasks if t not in cached["pretrained"] or t not in cached["experts"]]
+    """``{"pretrained": {task: acc}, "experts": {task: acc of θt on task t}}``, cached per task;
+    a task's cached row is reused only while its fingerprint is unchanged."""
+    key = normalized(baseline_key(pool, ctx))
+    path = baseline_cache_path(pool, cache_dir, ctx)
+    cached: dict[str, Any] = {"key": key, "tasks": {}}
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("key") == key:  # else a hash collision or an old format: start over
+            cached = old
+    prints = {t: normalized(task_fingerprint(pool, t)) for t in pool.tasks}
+    todo = [t for t in pool.tasks if cached["tasks"].get(t, {}).get("fingerprint") != prints[t]]
     if todo:
         pre = MultiTaskModel(pool.pretrained_encoder(), pool.heads)
-        cached["pretrained"].update(evaluate(pre, pool.test_sets, pool.heads, ctx, todo))
+        pretrained = evaluate(pre, pool.test_sets, pool.heads, ctx, todo)
         for t in todo:
             exp = MultiTaskModel(pool.expert_encoder(t), pool.heads)
-            cached["experts"].update(evaluate(exp, pool.test_sets, pool.heads, ctx, [t]))
+            expert = evaluate(exp, pool.test_sets, pool.heads, ctx, [t])[t]
+            cached["tasks"][t] = {
+                "fingerprint": prints[t],
+                "pretrained": pretrained[t],
+                "expert": expert,
+            }
         atomic_write(path, json.dumps(cached, indent=2))
-    return {k: {t: v[t] for t in pool.tasks} for k, v in cached.items()}
+    rows = cached["tasks"]
+    return {
+        "pretrained": {t: rows[t]["pretrained"] for t in pool.tasks},
+        "experts": {t: rows[t]["expert"] for t in pool.tasks},
+    }

@@ -99,6 +99,10 @@ def log_to_loggers(
     metrics["acc/avg"] = merged["avg"]
     if merged.get("normalized") is not None:
         metrics["acc/normalized"] = merged["normalized"]
+    geometry = results.get("task_vectors") or {}
+    for name in ("median_ratio", "mean_cosine"):
+        if geometry.get(name) is not None:
+            metrics[f"task_vectors/{name}"] = geometry[name]
     columns = ["method", *results["tasks"], "avg", "normalized"]
     data = [[row.get(c) for c in columns] for row in results["table"]]
     for lg in loggers:

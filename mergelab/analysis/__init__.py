@@ -1,0 +1,1 @@
+"""Analyses of pools and merged models (task-vector geometry, ...)."""
