@@ -58,23 +58,45 @@ def to_csv(
     return buf.getvalue()
 
 
-def print_table(title: str, tasks: list[str], table: list[dict[str, Any]]) -> None:
+def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _cell(row: dict[str, Any], key: str, spread: bool) -> str:
+    value = row.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "–"
+    std = row.get(f"{key}_std") if spread else None
+    return f"{value:.1f} ± {std:.1f}" if std is not None else f"{value:.1f}"
+
+
+def print_table(
+    title: str, tasks: list[str], table: list[dict[str, Any]], spread: bool = False
+) -> None:
+    """The results table on the terminal. ``spread``: rows aggregated over seeds show
+    "mean ± std" and a column with the number of seeds."""
     from rich.console import Console
     from rich.table import Table
 
+    seeds = spread and any(row.get("n_seeds", 1) > 1 for row in table)
     t = Table(title=title, show_lines=False)
     t.add_column("method", style="bold")
+    if seeds:
+        t.add_column("n", justify="right")
     for task in tasks:
         t.add_column(task, justify="right")
     t.add_column("avg", justify="right", style="bold")
     t.add_column("norm.", justify="right")
     for row in table:
-        cells = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else "–" for k in tasks]
-        norm = row.get("normalized")
-        t.add_row(
-            row["method"], *cells, f"{row['avg']:.1f}", f"{norm:.1f}" if norm is not None else "–"
-        )
-    Console(width=max(120, 14 * (len(tasks) + 3))).print(t)
+        cells = [_cell(row, k, spread) for k in [*tasks, "avg", "normalized"]]
+        t.add_row(row["method"], *([str(row.get("n_seeds", 1))] if seeds else []), *cells)
+    width = (22 if seeds else 14) * (len(tasks) + 3)
+    Console(width=max(120, width)).print(t)
 
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> None:
