@@ -22,7 +22,8 @@ def assign_units(C: Tensor) -> Tensor:
 
 
 def units_value(C: Tensor, idx: Tensor) -> float:
-    return float(C.double()[torch.arange(len(idx)), idx.to(C.device)].sum())
+    """Σ_i C[i, idx[i]] (picked first, summed in float64)."""
+    return float(C[torch.arange(len(idx), device=C.device), idx.to(C.device)].double().sum())
 
 
 def assign_heads(C: dict[str, Tensor], within_head: bool) -> HeadPerm:
@@ -65,5 +66,5 @@ def heads_value(C: dict[str, Tensor], hp: HeadPerm) -> float:
         h = torch.arange(H)[:, None].expand(H, hd)
         j = torch.arange(hd)[None, :].expand(H, hd)
         g = hp.order[:, None].expand(H, hd)
-        total += float(Cw.double().cpu()[h, g, j, hp.within(w)].sum())
+        total += float(Cw.cpu()[h, g, j, hp.within(w)].double().sum())
     return total
