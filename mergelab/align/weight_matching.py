@@ -6,10 +6,12 @@ descent solves one permutation at a time exactly by a linear assignment on
 
     C[i, j] = Σ_{tensors it permutes} ⟨row i of W^A, row j of W^B with the other perms applied⟩
 
-visiting the permutations in a seeded random order (the first sweep starts from the hubs:
-the residual stream), until a whole sweep improves nothing (or ``max_iter`` sweeps). A head group (one attention layer's heads with their within-head
-q/k and v permutations) is one coordinate, solved exactly by nested assignments
-(:func:`mergelab.align.assign.assign_heads`).
+visiting the permutations in a seeded random order, until a whole sweep improves nothing
+(or ``max_iter`` sweeps). Two departures from the paper's Algorithm 1, both explained where
+they happen: the first sweep starts from the hubs (the residual stream), and a coordinate
+whose score matrix cannot have changed is not solved again. A head group (one attention
+layer's heads with their within-head q/k and v permutations) is one coordinate, solved
+exactly by nested assignments (:func:`mergelab.align.assign.assign_heads`).
 """
 
 from __future__ import annotations
