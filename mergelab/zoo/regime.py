@@ -39,34 +39,9 @@ def _mean(row: dict[str, float]) -> float:
     return sum(row.values()) / len(row)
 
 
-def task_vector_geometry(pretrained, experts) -> dict:
-    """‖τt‖/‖θ0‖ per task and the mean pairwise cosine of the task vectors (float keys,
-    streamed one key at a time). TEMPORARY: replaced by mergelab.analysis.geometry."""
-    import torch
-
-    tasks = list(experts)
-    gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
-    base_sq = 0.0
-    for key in pretrained.keys():
-        b = pretrained[key]
-        if not b.is_floating_point():
-            continue
-        b = b.double().reshape(-1)
-        base_sq += float(b @ b)
-        taus = torch.stack([experts[t][key].double().reshape(-1) - b for t in tasks])
-        gram += taus @ taus.T
-    norms = gram.diag().sqrt()
-    cos = gram / (norms[:, None] * norms[None, :]).clamp(min=1e-30)
-    n = len(tasks)
-    mean_cos = float((cos.sum() - cos.diag().sum()) / (n * (n - 1))) if n > 1 else 0.0
-    return {
-        "ratio": {t: float(norms[i]) / base_sq**0.5 for i, t in enumerate(tasks)},
-        "cosine_mean": mean_cos,
-    }
-
-
 def measure_regime(pool: ModelPool, targets: dict | None = None) -> dict:
     """Measure the regime properties of ``pool`` (all of its tasks) and check ``targets``."""
+    from mergelab.analysis.geometry import task_vector_geometry
     from mergelab.merge.weight_average import WeightAverage
 
     tasks = pool.tasks
@@ -95,14 +70,14 @@ def measure_regime(pool: ModelPool, targets: dict | None = None) -> dict:
         "experts": round(_mean(experts), 2),
         "pretrained": round(_mean(zero_shot), 2),
         "weight_averaging": round(_mean(wa), 2),
-        "tau_ratio_median": round(statistics.median(geo["ratio"].values()), 4),
-        "cosine_mean": round(geo["cosine_mean"], 4),
+        "tau_ratio_median": round(geo["median_ratio"], 4),
+        "cosine_mean": round(geo["mean_cosine"] or 0.0, 4),
         "per_task": {
             t: {
                 "expert": round(experts[t], 2),
                 "pretrained": round(zero_shot[t], 2),
                 "weight_averaging": round(wa[t], 2),
-                "tau_ratio": round(geo["ratio"][t], 4),
+                "tau_ratio": round(geo["ratios"][t], 4),
             }
             for t in tasks
         },
@@ -111,7 +86,7 @@ def measure_regime(pool: ModelPool, targets: dict | None = None) -> dict:
         own = {}
         for t in tasks:
             g = task_vector_geometry(pool.base_of(t), {t: pool.experts[t]})
-            own[t] = g["ratio"][t]
+            own[t] = g["ratios"][t]
         out["finetune_ratio_median"] = round(statistics.median(own.values()), 4)
         for t in tasks:
             out["per_task"][t]["finetune_ratio"] = round(own[t], 4)
