@@ -118,3 +118,21 @@ def test_nonlocal_zoo_has_its_bases(zoo_cache):
     assert "finetune_ratio_median" in r
     # experts sit far from the averaged reference, close to their own foundation
     assert r["tau_ratio_median"] > r["finetune_ratio_median"]
+
+
+def test_nonlocal_zero_shot_row_uses_each_task_own_foundation(zoo_cache, tmp_path):
+    from mergelab.context import RunContext
+    from mergelab.eval.baselines import baselines
+    from mergelab.eval.evaluator import evaluate
+    from mergelab.pool.base import MultiTaskModel
+
+    pool = EmbeddedZoo(cache_dir=zoo_cache, **{**TINY, "foundations": [0, 1]}).pool(
+        ["mnist", "digits"]
+    )
+    ctx = RunContext(out_dir=tmp_path)
+    row = baselines(pool, ctx, tmp_path)["pretrained"]
+    for t in ("mnist", "digits"):
+        own = MultiTaskModel(pool.encoder(pool.base_of(t)), pool.heads)
+        assert row[t] == evaluate(own, pool.test_sets, pool.heads, ctx, [t])[t]
+    # and the regime's zero-shot figure is that row
+    assert pool.meta["regime"]["per_task"]["digits"]["pretrained"] == round(row["digits"], 2)

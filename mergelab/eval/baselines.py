@@ -54,8 +54,13 @@ def baselines(
     prints = {t: normalized(task_fingerprint(pool, t)) for t in pool.tasks}
     todo = [t for t in pool.tasks if cached["tasks"].get(t, {}).get("fingerprint") != prints[t]]
     if todo:
-        pre = MultiTaskModel(pool.pretrained_encoder(), pool.heads)
-        pretrained = evaluate(pre, pool.test_sets, pool.heads, ctx, todo)
+        # Zero-shot row: each task with the foundation its expert was fine-tuned from (in a
+        # non-local pool, `pretrained` is only the merges' averaged reference).
+        pretrained: dict[str, float] = {}
+        for base in dict.fromkeys(pool.expert_base.get(t) for t in todo):
+            group = [t for t in todo if pool.expert_base.get(t) == base]
+            pre = MultiTaskModel(pool.encoder(pool.base_of(group[0]), "pretrained"), pool.heads)
+            pretrained.update(evaluate(pre, pool.test_sets, pool.heads, ctx, group))
         for t in todo:
             exp = MultiTaskModel(pool.expert_encoder(t), pool.heads)
             expert = evaluate(exp, pool.test_sets, pool.heads, ctx, [t])[t]

@@ -358,7 +358,7 @@ class EmbeddedZoo:
         saved = json.loads(path.read_text()) if path.exists() else {}
         key = ",".join(pool.tasks)
         if key not in saved:
-            saved[key] = measure_regime(pool, self.regime_targets)
+            saved[key] = measure_regime(pool, self.cache.parent, self.regime_targets)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(saved, indent=2))
             tmp.replace(path)

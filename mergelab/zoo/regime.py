@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from mergelab.context import RunContext
+from mergelab.eval.baselines import baselines
 from mergelab.eval.evaluator import evaluate
 from mergelab.pool.base import ModelPool, MultiTaskModel
 
@@ -39,7 +40,7 @@ def _mean(row: dict[str, float]) -> float:
     return sum(row.values()) / len(row)
 
 
-def measure_regime(pool: ModelPool, targets: dict | None = None) -> dict:
+def measure_regime(pool: ModelPool, cache_dir: str | Path, targets: dict | None = None) -> dict:
     """Measure the regime properties of ``pool`` (all of its tasks) and check ``targets``."""
     from mergelab.analysis.geometry import task_vector_geometry
     from mergelab.merge.weight_average import WeightAverage
@@ -47,15 +48,9 @@ def measure_regime(pool: ModelPool, targets: dict | None = None) -> dict:
     tasks = pool.tasks
     with tempfile.TemporaryDirectory() as tmp:
         ctx = RunContext(out_dir=Path(tmp))
-        zero_shot: dict[str, float] = {}
-        for name in dict.fromkeys(pool.expert_base.get(t) for t in tasks):
-            group = [t for t in tasks if pool.expert_base.get(t) == name]
-            model = MultiTaskModel(pool.encoder(pool.base_of(group[0]), "pretrained"), pool.heads)
-            zero_shot.update(evaluate(model, pool.test_sets, pool.heads, ctx, group))
-        experts = {}
-        for t in tasks:
-            model = MultiTaskModel(pool.expert_encoder(t), pool.heads)
-            experts.update(evaluate(model, pool.test_sets, pool.heads, ctx, [t]))
+        # the zero-shot and expert rows are the run's baseline rows: computed once, cached
+        base = baselines(pool, ctx, cache_dir)
+        zero_shot, experts = base["pretrained"], base["experts"]
         averaged = WeightAverage().merge(pool.pretrained, pool.experts)
         wa = evaluate(
             MultiTaskModel(pool.encoder(averaged, "weight average"), pool.heads),
