@@ -3,8 +3,10 @@ weights, nothing downloaded) merged with task arithmetic and TIES from lazy safe
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own. Reported next to a
 plain pass that reads every expert's weights once (the I/O floor of any merge):
-wall time, peak RSS, the increase over an idle process, and that increase in units of one
-model's size — TIES must not hold a whole-model copy per expert.
+wall time, CPU time (all threads; steadier than wall time on a shared machine), peak RSS,
+the increase over an idle process, and that increase in units of one model's size — TIES
+must not hold a whole-model copy per expert. TIES runs in its default (reference) mode:
+two streamed passes over the experts.
 
     python -m bench.merge_bench [--experts 8] [--dir .bench]
 """
@@ -75,7 +77,7 @@ def _child(mode: str, root: str, n_experts: int) -> None:
     }
     Path("/proc/self/clear_refs").write_text("5")
     rss0 = _status_kb("VmRSS")
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     if mode == "plain_read":  # the I/O floor: every tensor of θ0 and of every expert, once
         total = 0.0
         for key in p:
@@ -86,8 +88,9 @@ def _child(mode: str, root: str, n_experts: int) -> None:
         _merged = TaskArithmetic(0.3).merge(p, experts)  # kept alive: the output counts
     elif mode == "ties":
         _merged = Ties(k=0.2, scaling=0.3).merge(p, experts)
-    wall = time.perf_counter() - t
-    print(json.dumps({"mode": mode, "wall_s": wall, "extra_kb": _status_kb("VmHWM") - rss0}))
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    extra = _status_kb("VmHWM") - rss0
+    print(json.dumps({"mode": mode, "wall_s": wall, "cpu_s": cpu, "extra_kb": extra}))
 
 
 def measure(mode: str, root: Path, n_experts: int) -> dict:
@@ -126,11 +129,13 @@ def run_bench(root: Path, n_experts: int = 8) -> dict:
         extra_mb = m["extra_kb"] / 1024
         row = {
             "wall_s": round(m["wall_s"], 2),
+            "cpu_s": round(m["cpu_s"], 2),
             "extra_mb": round(extra_mb, 1),
             "extra_model_copies": round(extra_mb / model_mb, 2),
         }
         plain = plain or row
         row["time_ratio"] = round(row["wall_s"] / plain["wall_s"], 2)
+        row["cpu_ratio"] = round(row["cpu_s"] / plain["cpu_s"], 2)
         res["rows"][mode] = row
     return res
 
@@ -143,13 +148,16 @@ def print_report(res: dict) -> None:
         title=f"merge bench: {res['n_experts']} experts × {res['n_params'] / 1e6:.1f}M params "
         f"({res['model_mb']:.0f} MB each, fp32), read lazily from safetensors"
     )
-    for c in ("mode", "wall s", "× plain read", "peak extra MB", "in model copies"):
+    cols = ("mode", "wall s", "× plain", "cpu s", "× plain", "peak extra MB", "model copies")
+    for c in cols:
         t.add_column(c, justify="right")
     for mode, r in res["rows"].items():
         t.add_row(
             mode,
             f"{r['wall_s']:.2f}",
             f"{r['time_ratio']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            f"{r['cpu_ratio']:.2f}",
             f"{r['extra_mb']:.0f}",
             f"{r['extra_model_copies']:.2f}",
         )

@@ -267,12 +267,14 @@ def test_mergelab_mode_is_the_previous_behaviour():
 def test_kth_smallest_is_kthvalue(n, monkeypatch):
     monkeypatch.setattr(ops, "_PARTITION_BELOW", 64)
     monkeypatch.setattr(ops, "_SAMPLE", 512)
+    monkeypatch.setattr(ops, "_COUNT_CHUNK", 1000)
     g = torch.Generator().manual_seed(n)
     x = torch.round(torch.randn(n, generator=g).abs() * 16) / 16  # many ties
     for r in sorted({1, n, (n + 1) // 2, max(1, n - n // 5)}):
         want = float(torch.kthvalue(x, r).values)
         assert ops.kth_smallest(x, r) == want
         assert ops.kth_smallest(list(x.split(max(1, n // 3))), r) == want  # as segments
+        assert ops.kth_smallest(list(x.split(max(1, n // 7))), r, threads=3) == want
     with pytest.raises(ValueError):
         ops.kth_smallest(x, n + 1)
 

@@ -17,7 +17,9 @@ import functools
 import math
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -119,7 +121,9 @@ _BRACKET_SIGMAS = 5.0  # bracket half-width in standard deviations of the sample
 _COUNT_CHUNK = 1 << 18  # values per step of the counting pass (stays in cache)
 
 
-def kth_smallest(values: Tensor | Sequence[Tensor], r: int, seed: int = 0) -> float:
+def kth_smallest(
+    values: Tensor | Sequence[Tensor], r: int, seed: int = 0, threads: int = 1
+) -> float:
     """The ``r``-th smallest (1-indexed) element of ``values`` — exactly the value
     ``torch.kthvalue(values.flatten(), r)`` returns — in linear time and without sorting.
 
@@ -128,7 +132,8 @@ def kth_smallest(values: Tensor | Sequence[Tensor], r: int, seed: int = 0) -> fl
     sample brackets the wanted rank (±5 standard deviations), one counting pass finds how
     many values lie below the bracket and collects the few inside it, and an introselect
     among those gives the answer. If the bracket misses (probability ≈ 1e-6) a full
-    introselect is done, so the answer is always exact. ``seed`` only fixes the sample.
+    introselect is done, so the answer is always exact. ``seed`` only fixes the sample;
+    ``threads`` share the counting pass.
     """
     parts = [values] if isinstance(values, Tensor) else list(values)
     segs = [_as_f32_numpy(v) for v in parts]
@@ -156,24 +161,36 @@ def kth_smallest(values: Tensor | Sequence[Tensor], r: int, seed: int = 0) -> fl
     hi = float(part[hi_i]) if 0 <= hi_i < s else math.inf
 
     # numpy's comparisons and compaction are several times faster than torch's here
-    below = 0
-    lt = np.empty(min(n, _COUNT_CHUNK), dtype=bool)
-    inside = np.empty_like(lt)
-    candidates = []
-    for seg in segs:
-        for a in range(0, seg.size, _COUNT_CHUNK):
-            x = seg[a : a + _COUNT_CHUNK]
-            m = x.size
-            np.less(x, lo, out=lt[:m])
-            below += int(np.count_nonzero(lt[:m]))
-            np.less_equal(x, hi, out=inside[:m])
-            inside[:m] ^= lt[:m]  # lo ≤ x ≤ hi (x < lo implies x ≤ hi)
-            candidates.append(x[np.flatnonzero(inside[:m])])
+    pieces = [seg[a : a + _COUNT_CHUNK] for seg in segs for a in range(0, seg.size, _COUNT_CHUNK)]
+    if threads <= 1 or len(pieces) < 2:
+        counted = [_count_bracket(pieces, lo, hi)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            counted = list(
+                pool.map(lambda i: _count_bracket(pieces[i::threads], lo, hi), range(threads))
+            )
+    below = sum(c[0] for c in counted)
+    candidates = [x for c in counted for x in c[1]]
     cand = np.concatenate(candidates)
     j = r - below - 1
     if 0 <= j < cand.size:
         return float(np.partition(cand, j)[j])
     return float(np.partition(np.concatenate(segs), r - 1)[r - 1])  # bracket missed: exact
+
+
+def _count_bracket(pieces: list[np.ndarray], lo: float, hi: float) -> tuple[int, list[np.ndarray]]:
+    """How many values lie below ``lo``, and those in [lo, hi] (numpy releases the GIL)."""
+    size = max((x.size for x in pieces), default=0)
+    lt, inside = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
+    below, found = 0, []
+    for x in pieces:
+        m = x.size
+        np.less(x, lo, out=lt[:m])
+        below += int(np.count_nonzero(lt[:m]))
+        np.less_equal(x, hi, out=inside[:m])
+        inside[:m] ^= lt[:m]  # lo ≤ x ≤ hi (x < lo implies x ≤ hi)
+        found.append(x[np.flatnonzero(inside[:m])])
+    return below, found
 
 
 def _as_f32_numpy(v: Tensor) -> np.ndarray:
@@ -184,7 +201,11 @@ def _as_f32_numpy(v: Tensor) -> np.ndarray:
 
 
 def trim_threshold(
-    abs_tau: Tensor | Sequence[Tensor], k: float, mode: str = "reference", extra_zeros: int = 0
+    abs_tau: Tensor | Sequence[Tensor],
+    k: float,
+    mode: str = "reference",
+    extra_zeros: int = 0,
+    threads: int = 1,
 ) -> float:
     """TIES trim threshold s of one task vector: keep the entries with |τ| ≥ s.
 
@@ -215,7 +236,7 @@ def trim_threshold(
         rank = d - keep + 1
     if rank <= extra_zeros:  # the extra zeros are the smallest values
         return 0.0
-    return kth_smallest(parts, rank - int(extra_zeros))
+    return kth_smallest(parts, rank - int(extra_zeros), threads=threads)
 
 
 def magnitude_threshold(values: Tensor, k: float) -> float:
@@ -252,10 +273,13 @@ def fill_abs_task_vector(
     base: Mapping[str, Tensor],
     expert: Mapping[str, Tensor],
     task: str,
+    threads: int = 1,
 ) -> None:
     """Write |θt − θ0| for every key of ``base`` into the flat float32 ``out[key]``,
-    checking shapes and finiteness. The next tensor is read while the current one is done."""
-    for key, v in prefetched((key, expert[key]) for key in base):
+    checking shapes and finiteness. The next tensor is read while the current ones are
+    done (by ``threads`` threads, as many tensors in flight)."""
+
+    def one(key: str, v: Tensor) -> None:
         b = base[key]
         if v.shape != b.shape:
             raise CheckpointError(
@@ -268,6 +292,20 @@ def fill_abs_task_vector(
         if dst.numel() and not math.isfinite(float(dst.max())):  # max propagates NaN
             who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
             raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+
+    reads = prefetched((key, expert[key]) for key in base)
+    if threads <= 1:
+        for key, v in reads:
+            one(key, v)
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(threads) as pool:
+        for key, v in reads:
+            pending.append(pool.submit(one, key, v))
+            while len(pending) >= threads:
+                pending.popleft().result()
+        for fut in pending:
+            fut.result()
 
 
 # --- TIES primitives (one parameter at a time) ----------------------------------------------

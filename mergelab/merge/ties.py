@@ -178,9 +178,11 @@ class _TiesRun:
             self.scratch = {key: torch.empty(b.numel()) for key, b in fbase.items()}
             self.thresholds = {}
             for task in self.tasks:
-                ops.fill_abs_task_vector(self.scratch, fbase, self.experts[task], task)
+                ops.fill_abs_task_vector(
+                    self.scratch, fbase, self.experts[task], task, self.workers
+                )
                 self.thresholds[task] = ops.trim_threshold(
-                    list(self.scratch.values()), self.k, self.mode, self.extra_zeros
+                    list(self.scratch.values()), self.k, self.mode, self.extra_zeros, self.workers
                 )
 
     def merge(self, reduce: str, scaling: float) -> StateDict:
