@@ -135,18 +135,6 @@ def test_cached_once_per_pool(tmp_path, monkeypatch):
         cached_geometry(synthetic_pool(n_tasks=2, seed=1), tmp_path)
 
 
-def test_a_run_writes_and_reports_the_geometry(tiny_cache, tmp_path):
-    from mergelab.pipeline import run
-
-    res = run(compose(["analysis.bias=false"], tiny_cache), tmp_path)
-    assert (tmp_path / "task_vectors.png").exists()
-    saved = json.loads((tmp_path / "task_vectors.json").read_text())
-    summary = res["task_vectors"]
-    assert summary["tasks"] == res["tasks"] and "cosine" not in summary
-    assert summary["median_ratio"] == pytest.approx(saved["median_ratio"])
-    assert set(summary["ratios"]) == set(res["tasks"]) and summary["mean_cosine"] is not None
-
-
 class ImageLogger:
     """A logger stand-in that records the images and metrics it is given."""
 
