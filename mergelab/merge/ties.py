@@ -14,7 +14,9 @@ authors' code) or within each tensor (``scope: per_tensor``):
 
 Reference mode is bit-identical to the authors' code on float32 checkpoints (run
 single-threaded: with several threads torch's own ``sum`` changes its order at a few
-columns). ``extra_zeros`` counts τ = 0 entries that the reference flattens but mergelab does
+columns); Σ γ is counted exactly where the reference sums ±1 in float32 (the same sign unless
+that sum is within float rounding of 0). k = 1 keeps every entry (the reference crashes).
+``extra_zeros`` counts τ = 0 entries that the reference flattens but mergelab does
 not load — the text-side tensors (token embedding, text projection, ...) left in
 task_vectors ``ImageEncoder`` checkpoints: 25,599,489 for ViT-B/32 and B/16, 38,595,841 for
 ViT-L/14. They change d and therefore the trim threshold (effective density ≈ 0.26 on the
