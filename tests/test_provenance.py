@@ -141,3 +141,17 @@ def test_an_old_or_foreign_cache_file_is_not_trusted(tmp_path, garbage):
     path.write_text(garbage)
     out = baselines(pool, c, cache)
     assert set(out["pretrained"]) == {"task0"}
+
+
+def test_a_non_local_task_fingerprint_follows_its_foundation():
+    pool = synthetic_pool(n_tasks=2)
+    other = {k: v + 0.1 for k, v in pool.pretrained.items()}
+    nonlocal_pool = dataclasses.replace(
+        pool, bases={"a": pool.pretrained, "b": other}, expert_base={"task0": "a", "task1": "b"}
+    )
+    moved = dataclasses.replace(
+        nonlocal_pool, bases={"a": pool.pretrained, "b": {k: v * 2 for k, v in other.items()}}
+    )
+    assert task_fingerprint(moved, "task0") == task_fingerprint(nonlocal_pool, "task0")
+    assert task_fingerprint(moved, "task1") != task_fingerprint(nonlocal_pool, "task1")
+    assert "base" not in task_fingerprint(pool, "task0")  # local: θ0 is in the pool identity

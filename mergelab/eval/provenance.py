@@ -174,12 +174,17 @@ def pool_identity(pool: ModelPool) -> dict[str, Any]:
 
 
 def task_fingerprint(pool: ModelPool, task: str) -> dict[str, Any]:
-    """Content fingerprints of one task's expert, head and test data (after preprocessing)."""
-    return {
+    """Content fingerprints of one task's expert, head and test data (after preprocessing),
+    and in a non-local pool of the foundation its expert was fine-tuned from (its zero-shot
+    row is evaluated with that foundation)."""
+    out = {
         "expert": weights_fingerprint(pool.experts[task]),
         "head": module_fingerprint(pool.heads[task]),
         "data": dataset_fingerprint(pool.test_sets[task]),
     }
+    if pool.bases:
+        out["base"] = weights_fingerprint(pool.base_of(task))
+    return out
 
 
 def normalized(key: Any) -> Any:
