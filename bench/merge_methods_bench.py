@@ -114,15 +114,16 @@ def run_bench(root: Path, n_experts: int = 8, modes: tuple[str, ...] = MODES) ->
     for mode in modes:
         print(f"[merge_methods_bench] {mode} …", file=sys.stderr, flush=True)
         rows.append((mode, measure_method(mode, root, n_experts)))
-    plain = rows[0][1]["wall_s"]
+    plain = rows[0][1]
     for mode, m in rows:
         extra_mb = m["extra_kb"] / 1024
         res["rows"][mode] = {
             "wall_s": round(m["wall_s"], 2),
+            "cpu_s": round(m["cpu_s"], 2),
             "extra_mb": round(extra_mb, 1),
             "extra_model_copies": round(extra_mb / model_mb, 2),
-            "time_ratio": round(m["wall_s"] / plain, 2),
-            "cpu_s": round(m["cpu_s"], 1) if "cpu_s" in m else None,
+            "time_ratio": round(m["wall_s"] / plain["wall_s"], 2),
+            "cpu_ratio": round(m["cpu_s"] / plain["cpu_s"], 2),
         }
     res["svd_probe_s"] = svd_probe(n_experts)
     return res
@@ -147,8 +148,6 @@ def main() -> None:
         sys.exit(f"unknown bench mode {bad[0]!r}; expected some of {', '.join(MODES)}")
     res = run_bench(Path(a.dir), a.experts, modes)
     print_report(res)
-    cpu = ", ".join(f"{k} {r['cpu_s']:.0f} s" for k, r in res["rows"].items() if r["cpu_s"])
-    print(f"CPU time of each merge (all threads; load-independent on a shared machine): {cpu}")
     probe = ", ".join(f"{k} {w:.1f} s ({c:.1f} s CPU)" for k, (w, c) in res["svd_probe_s"].items())
     print(f"one 3072×768 matrix × {res['n_experts']} task vectors (fp32 SVDs, 2 threads): {probe}")
     if a.json:
