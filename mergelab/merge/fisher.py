@@ -44,7 +44,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from mergelab.errors import CheckpointError, ConfigError
+from mergelab.errors import ConfigError
+from mergelab.merge.accumulate import ExpertAccumulator
 from mergelab.merge.base import AdaptiveMerge, StateDict, check_experts
 from mergelab.surgery.unlabeled import unlabeled_loader
 
@@ -328,7 +329,7 @@ class FisherMerging(AdaptiveMerge):
         pretrained = pool.pretrained
 
         averages: dict[str, FisherAverage] = {}
-        sums: dict[str, Tensor] = {}
+        acc = ExpertAccumulator(pretrained, "Fisher merging")
         self.fisher_norms_ = {}
         for i, task in enumerate(tasks):
             if len(pool.test_sets[task]) == 0:
@@ -358,37 +359,13 @@ class FisherMerging(AdaptiveMerge):
                         "merge.normalize=true cannot divide by its norm"
                     )
                 lam /= norm
-            state = experts[task]
-            for key, base in pretrained.items():
-                if key in fisher:
-                    averages.setdefault(key, FisherAverage(self.eps)).add(
-                        state[key], fisher.pop(key), lam
-                    )
-                elif base.is_floating_point():
-                    v = state[key].float()
-                    if key in sums:
-                        sums[key] += v
-                    else:
-                        sums[key] = v.clone()
-                elif not torch.equal(state[key], base):
-                    raise CheckpointError(
-                        f"expert {task!r}: non-float key {key!r} differs from pretrained; "
-                        "it cannot be merged arithmetically"
-                    )
-            if fisher:
-                raise CheckpointError(
-                    f"Fisher merging: parameter {next(iter(fisher))!r} of the encoder is not "
-                    "a key of the pretrained state dict"
-                )
 
-        out: StateDict = {}
-        for key, base in pretrained.items():
-            if key in averages:
-                out[key] = averages.pop(key).result().to(base.dtype)
-            elif base.is_floating_point():
-                out[key] = (sums.pop(key) / len(tasks)).to(base.dtype)
-            else:
-                out[key] = base.clone()
+            def update(key: str, value: Tensor, f: Tensor, lam: float = lam) -> None:
+                averages.setdefault(key, FisherAverage(self.eps)).add(value, f, lam)
+
+            acc.add(task, experts[task], fisher, update)
+
+        out = acc.result(lambda key: averages.pop(key).result())
         log.info(
             "Fisher merging: ‖Ft‖ = %s", {t: f"{n:.3g}" for t, n in self.fisher_norms_.items()}
         )

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergelab.errors import CheckpointError, ConfigError
+from mergelab.merge.accumulate import ExpertAccumulator
 from mergelab.merge.base import AdaptiveMerge, StateDict, check_experts
 from mergelab.surgery.unlabeled import unlabeled_loader
 
@@ -420,7 +421,11 @@ class RegMean(AdaptiveMerge):
 
         sites: list[LinearSite] | None = None
         equations: dict[str, NormalEquations] = {}
-        sums: dict[str, Tensor] = {}
+        acc = ExpertAccumulator(pretrained, "RegMean")
+
+        def update(key: str, value: Tensor, gram: Tensor) -> None:
+            equations[key].add(gram, value, self.alpha)
+
         for i, task in enumerate(tasks):
             if len(pool.test_sets[task]) == 0:
                 raise ConfigError(f"task {task!r} has an empty test split; RegMean needs data")
@@ -433,30 +438,9 @@ class RegMean(AdaptiveMerge):
             )
             grams = collect_grams(encoder, sites, loader, ctx)
             del encoder  # one expert in memory at a time
-            state = experts[task]
-            for key, base in pretrained.items():
-                if key in equations:
-                    equations[key].add(grams.pop(key), state[key], self.alpha)
-                elif base.is_floating_point():
-                    v = state[key].float()
-                    if key in sums:
-                        sums[key] += v
-                    else:
-                        sums[key] = v.clone()
-                elif not torch.equal(state[key], base):
-                    raise CheckpointError(
-                        f"expert {task!r}: non-float key {key!r} differs from pretrained; "
-                        "it cannot be merged arithmetically"
-                    )
+            acc.add(task, experts[task], grams, update)
 
-        out: StateDict = {}
-        for key, base in pretrained.items():
-            if key in equations:
-                out[key] = equations[key].solve().to(base.dtype)
-            elif base.is_floating_point():
-                out[key] = (sums.pop(key) / len(tasks)).to(base.dtype)
-            else:
-                out[key] = base.clone()
+        out = acc.result(lambda key: equations[key].solve())
         self.regmean_keys_ = [k for k in pretrained if k in equations]
         self.averaged_keys_ = [
             k for k in pretrained if k not in equations and pretrained[k].is_floating_point()
