@@ -1,0 +1,173 @@
+"""AdaMerging as a merge method (Yang et al., ICLR 2024): validates the configuration, builds
+the task vectors and the :class:`~.module.AdaMergingModule`, runs it with the run context's
+Trainer and returns θ(λ*) as a state dict."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mergelab.errors import ConfigError
+from mergelab.merge.adamerging import outputs
+from mergelab.merge.adamerging.data import TaskBatches
+from mergelab.merge.adamerging.module import EVAL_MODE_WARNING, GRANULARITIES, AdaMergingModule
+from mergelab.merge.adamerging.vectors import TaskVectors, plain_task_vectors, ties_vectors
+from mergelab.merge.base import AdaptiveMerge, StateDict
+
+VECTORS = ("task_arithmetic", "ties")
+
+
+class AdaMerging(AdaptiveMerge):
+    """AdaMerging (task-wise / layer-wise) and AdaMerging++ (``vectors="ties"``), Yang et al.
+    ICLR 2024: θ(λ) = θ0 + Σt clamp(λ)t τt with λ learned by test-time entropy minimisation.
+
+    Args:
+        granularity: ``"task"`` (one λ per task) or ``"layer"`` (one per task per float tensor).
+        vectors: ``"task_arithmetic"`` (τt = θt − θ0) or ``"ties"`` (AdaMerging++).
+        init: initial λ (0.3 in the paper).
+        clamp_min, clamp_max: λ is clamped to this range where it is used ([0, 1]).
+        lr, betas: Adam hyperparameters (1e-3, (0.9, 0.999)).
+        steps: optimisation steps (500 in the authors' code).
+        batch_size: unlabeled test images per task per step (16).
+        ties_k: fraction of each task vector kept by the TIES trim (AdaMerging++ only).
+        ties_scope: TIES trim scope, passed to ``ties_task_vectors`` (AdaMerging++ only).
+        seed: seed of the per-task batch sampling (``None``: the run context's seed).
+        save_coefficients: write ``adamerging_coefficients.json`` to the run dir.
+        plot: write the task × layer heatmap ``adamerging_coefficients.png``.
+    """
+
+    name = "adamerging"
+
+    def __init__(
+        self,
+        granularity: str = "layer",
+        vectors: str = "task_arithmetic",
+        init: float = 0.3,
+        clamp_min: float = 0.0,
+        clamp_max: float = 1.0,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        steps: int = 500,
+        batch_size: int = 16,
+        ties_k: float = 0.2,
+        ties_scope: str = "global",
+        seed: int | None = None,
+        save_coefficients: bool = True,
+        plot: bool = True,
+    ):
+        if granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"merge.granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}"
+            )
+        if vectors not in VECTORS:
+            raise ConfigError(f"merge.vectors must be one of {', '.join(VECTORS)}; got {vectors!r}")
+        if not clamp_min <= clamp_max:
+            raise ConfigError(
+                f"merge.clamp_min ({clamp_min}) must be <= merge.clamp_max ({clamp_max})"
+            )
+        if not clamp_min <= init <= clamp_max:
+            raise ConfigError(
+                f"merge.init ({init}) must lie in [clamp_min, clamp_max] = [{clamp_min}, {clamp_max}]"
+            )
+        if lr <= 0:
+            raise ConfigError(f"merge.lr must be > 0, got {lr}")
+        betas = tuple(float(b) for b in betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"merge.betas must be two numbers in [0, 1), got {list(betas)}")
+        if int(steps) < 1:
+            raise ConfigError(f"merge.steps must be >= 1, got {steps}")
+        if int(batch_size) < 1:
+            raise ConfigError(f"merge.batch_size must be >= 1, got {batch_size}")
+        if vectors == "ties" and not 0.0 < ties_k <= 1.0:
+            raise ConfigError(f"merge.ties_k must be a fraction in (0, 1], got {ties_k}")
+        self.granularity = granularity
+        self.vectors = vectors
+        self.init = float(init)
+        self.clamp_min, self.clamp_max = float(clamp_min), float(clamp_max)
+        self.lr, self.betas = float(lr), betas
+        self.steps, self.batch_size = int(steps), int(batch_size)
+        self.ties_k, self.ties_scope = float(ties_k), ties_scope
+        self.seed = None if seed is None else int(seed)
+        self.save_coefficients, self.plot = bool(save_coefficients), bool(plot)
+        # Filled by fit(): what was learned, for reports and tests.
+        self.coefficients_: Tensor | None = None
+        self.keys_: list[str] = []
+        self.tasks_: list[str] = []
+        self.entropy_history_: list[float] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaMerging(granularity={self.granularity!r}, vectors={self.vectors!r}, "
+            f"init={self.init}, lr={self.lr}, steps={self.steps}, "
+            f"batch_size={self.batch_size})"
+        )
+
+    # -- building blocks (public so that tests and benchmarks can drive them directly) -------
+
+    def task_vectors(
+        self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
+    ) -> TaskVectors:
+        """τt (task arithmetic) or the TIES-processed vectors (AdaMerging++)."""
+        if self.vectors == "ties":
+            return ties_vectors(pretrained, experts, k=self.ties_k, scope=self.ties_scope)
+        return plain_task_vectors(pretrained, experts)
+
+    def build_module(self, pool) -> AdaMergingModule:
+        """The LightningModule for ``pool``: θ0 encoder, frozen heads, task vectors, λ = init."""
+        missing = [t for t in pool.tasks if t not in pool.experts]
+        if missing:
+            raise ConfigError(f"no expert for task {missing[0]!r} in the model pool")
+        experts = {t: pool.experts[t] for t in pool.tasks}
+        vectors = self.task_vectors(pool.pretrained, experts)
+        return AdaMergingModule(
+            pool.pretrained_encoder(),
+            pool.heads,
+            vectors,
+            granularity=self.granularity,
+            init=self.init,
+            clamp_min=self.clamp_min,
+            clamp_max=self.clamp_max,
+            lr=self.lr,
+            betas=self.betas,
+        )
+
+    # -- the AdaptiveMerge contract -------------------------------------------------------
+
+    def fit(self, pool, ctx) -> StateDict:
+        """Learn λ on the pool's unlabeled test splits with ``ctx.make_trainer``, save the
+        coefficients (json + heatmap) to ``ctx.out_dir`` and return θ(λ*) as a CPU state dict
+        with the pretrained checkpoint's keys and dtypes (integer buffers stay θ0)."""
+        module = self.build_module(pool)
+        seed = self.seed if self.seed is not None else ctx.seed
+        data = TaskBatches(pool.test_sets, module.tasks, self.batch_size, ctx.num_workers, seed)
+        trainer = ctx.make_trainer(max_steps=self.steps)
+        with warnings.catch_warnings():
+            # The encoder and heads are kept in eval mode on purpose (see AdaMergingModule.train).
+            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+            trainer.fit(module, datamodule=data)
+
+        with torch.no_grad():
+            merged = module.merged_params()
+            lam = module.effective_coefficients().detach().float().cpu()
+        self.coefficients_ = lam
+        self.keys_ = list(module._vectors.keys)
+        self.tasks_ = list(module.tasks)
+        self.entropy_history_ = [float(x) for x in module.entropy_history]
+        raw = module.coefficients.detach().float().cpu()
+
+        out: StateDict = {}
+        for key in pool.pretrained.keys():
+            base = pool.pretrained[key]
+            out[key] = merged[key].detach().to("cpu", base.dtype) if key in merged else base.clone()
+
+        if trainer.is_global_zero:
+            out_dir = Path(ctx.out_dir)
+            if self.save_coefficients:
+                outputs.save_json(out_dir / outputs.COEFFICIENTS_JSON, self, lam, raw)
+            if self.plot:
+                outputs.save_heatmap(out_dir / outputs.COEFFICIENTS_PNG, self, lam)
+        return out
