@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab.align.base import Alignment
+from mergelab.analysis.bias import measure_bias, plot_bias, plot_projection
 from mergelab.analysis.geometry import cached_geometry, write_geometry
 from mergelab.analysis.geometry import summary as geometry_summary
 from mergelab.context import RunContext
@@ -27,7 +28,6 @@ from mergelab.eval.provenance import provenance
 from mergelab.merge.base import AdaptiveMerge, MergeMethod
 from mergelab.merge.conditional import TaskConditionalMerge
 from mergelab.pool.base import MultiTaskModel
-from mergelab.surgery.bias import measure_bias, plot_bias, plot_projection
 from mergelab.surgery.none import NoSurgery
 
 log = logging.getLogger(__name__)

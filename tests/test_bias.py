@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from mergelab.analysis.bias import measure_bias, plot_bias, plot_projection
 from mergelab.context import RunContext
 from mergelab.errors import ConfigError
 from mergelab.pool.base import ModelPool, MultiTaskModel
-from mergelab.surgery.bias import measure_bias, plot_bias, plot_projection
 from mergelab.surgery.blocks import discover_blocks
 from mergelab.surgery.stats import StatsSurgery
 from mergelab.zoo.synthetic import synthetic_pool

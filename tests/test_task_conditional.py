@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mergelab.analysis.bias import measure_bias
 from mergelab.context import RunContext
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.eval.evaluator import evaluate
@@ -24,7 +25,6 @@ from mergelab.merge.emr import EMR
 from mergelab.merge.tall_masks import TallMasks
 from mergelab.merge.ties import Ties
 from mergelab.pool.base import MultiTaskModel
-from mergelab.surgery.bias import measure_bias
 from mergelab.surgery.stats import StatsSurgery
 from mergelab.surgery.v1 import SurgeryV1
 from mergelab.surgery.v2 import SurgeryV2

@@ -1,1 +1,1 @@
-"""Analyses of pools and merged models (task-vector geometry, ...)."""
+"""Analyses of pools and merged models (task-vector geometry, representation bias)."""
