@@ -275,6 +275,56 @@ def test_dare_p0_is_its_base_method_exactly(base, method):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("extra_zeros", [0, 37])
+@pytest.mark.parametrize("mode,other", [("reference", "mergelab"), ("mergelab", "reference")])
+def test_dare_p0_and_consensus_k0_over_ties_follow_ties_mode(mode, other, extra_zeros):
+    """DARE (p = 0) and Consensus (k = 0) over TIES are TIES with the same ``mode`` and
+    ``extra_zeros``; the other mode merges differently on this pool (d = 80 floats, k = 0.5:
+    the reference keeps ⌊k·d⌋ + 1 = 41 entries per task, mergelab round(k·d) = 40), so the
+    settings must reach TIES for the equalities to hold."""
+    p, e = rand_pool(n_tasks=3, seed=7)
+    want = Ties(k=0.5, scaling=0.4, mode=mode, extra_zeros=extra_zeros).merge(p, e)
+    diff = Ties(k=0.5, scaling=0.4, mode=other, extra_zeros=extra_zeros).merge(p, e)
+    assert any(not torch.equal(want[k], diff[k]) for k in p)
+    kw = dict(ties_k=0.5, ties_mode=mode, ties_extra_zeros=extra_zeros)
+    dare = Dare(p=0.0, base="ties", scaling=0.4, **kw).merge(p, e)
+    cons = Consensus(k=0, scaling=0.4, base="ties", **kw).merge(p, e)
+    for k in p:
+        assert torch.equal(dare[k], want[k]), k
+        torch.testing.assert_close(cons[k], want[k])
+
+
+def test_dare_and_consensus_reject_bad_ties_trim_settings():
+    with pytest.raises(ConfigError, match="trim mode|mode"):
+        Dare(base="ties", ties_mode="fast")
+    with pytest.raises(ConfigError, match="extra_zeros"):
+        Dare(base="ties", ties_extra_zeros=-1)
+    with pytest.raises(ConfigError, match="mode"):
+        Consensus(base="ties", ties_mode="fast")
+    with pytest.raises(ConfigError, match="scope=global"):
+        Consensus(base="ties", ties_scope="per_tensor", ties_extra_zeros=5)
+
+
+@pytest.mark.parametrize("name", ["dare", "consensus"])
+def test_ties_trim_settings_are_in_the_yaml(name, tiny_cache):
+    from conftest import compose
+    from hydra.utils import instantiate
+
+    cfg = compose(
+        [
+            f"merge={name}",
+            "merge.base=ties",
+            "merge.ties_mode=mergelab",
+            "merge.ties_extra_zeros=3",
+        ],
+        tiny_cache,
+    )
+    method = instantiate(cfg.merge)
+    assert (method.ties_mode, method.ties_extra_zeros) == ("mergelab", 3)
+    default = instantiate(compose([f"merge={name}"], tiny_cache).merge)
+    assert (default.ties_mode, default.ties_extra_zeros) == ("reference", 0)
+
+
 def test_dare_keeps_1_minus_p_rescaled_and_is_unbiased():
     p = {"w": torch.zeros(200, 100)}
     g = torch.Generator().manual_seed(0)

@@ -23,10 +23,13 @@ from torch import Tensor
 from mergelab.errors import ConfigError
 from mergelab.merge.base import MergeMethod, StateDict
 from mergelab.merge.masks import check_mtl, consensus_mask, iter_tall_masks
+from mergelab.merge.ties import Ties
 
 
 class Consensus(MergeMethod):
-    """Consensus-TA / Consensus-TIES: θ0 + ``scaling`` · (1{Σt mt ≥ ``k``} ⊙ τMTL)."""
+    """Consensus-TA / Consensus-TIES: θ0 + ``scaling`` · (1{Σt mt ≥ ``k``} ⊙ τMTL); the
+    ``ties_*`` settings are :class:`~mergelab.merge.ties.Ties`' own (``ties_mode``:
+    reference | mergelab trim counting, ``ties_extra_zeros``: τ = 0 entries counted in d)."""
 
     name = "consensus"
 
@@ -39,6 +42,8 @@ class Consensus(MergeMethod):
         ties_k: float = 0.2,
         ties_reduce: str = "sum",
         ties_scope: str = "global",
+        ties_mode: str = "reference",
+        ties_extra_zeros: int = 0,
     ):
         super().__init__()
         if int(k) != k or k < 0:
@@ -46,6 +51,8 @@ class Consensus(MergeMethod):
         if tall_lambda < 0:
             raise ConfigError(f"consensus tall_lambda must be ≥ 0, got {tall_lambda}")
         check_mtl(base, ties_k, ties_reduce, ties_scope)
+        if base == "ties":  # TIES' own checks of its trim settings, at config time
+            Ties(k=ties_k, scope=ties_scope, mode=ties_mode, extra_zeros=ties_extra_zeros)
         self.k = int(k)
         self.tall_lambda = float(tall_lambda)
         self.scaling = float(scaling)
@@ -53,6 +60,8 @@ class Consensus(MergeMethod):
         self.ties_k = float(ties_k)
         self.ties_reduce = ties_reduce
         self.ties_scope = ties_scope
+        self.ties_mode = ties_mode
+        self.ties_extra_zeros = int(ties_extra_zeros)
 
     def merge(
         self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
@@ -67,6 +76,8 @@ class Consensus(MergeMethod):
             self.ties_k,
             self.ties_reduce,
             self.ties_scope,
+            self.ties_mode,
+            self.ties_extra_zeros,
         )
         for p in params:
             if p.tau_mtl is None:

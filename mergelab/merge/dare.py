@@ -85,7 +85,9 @@ class DroppedExperts(Mapping[str, Tensor]):
 
 
 class Dare(MergeMethod):
-    """DARE with drop rate ``p`` over ``base`` = task_arithmetic | ties (λ = ``scaling``)."""
+    """DARE with drop rate ``p`` over ``base`` = task_arithmetic | ties (λ = ``scaling``);
+    the ``ties_*`` settings are :class:`~mergelab.merge.ties.Ties`' own (``ties_mode``:
+    reference | mergelab trim counting, ``ties_extra_zeros``: τ = 0 entries counted in d)."""
 
     name = "dare"
 
@@ -98,6 +100,8 @@ class Dare(MergeMethod):
         ties_k: float = 0.2,
         ties_reduce: str = "sum",
         ties_scope: str = "global",
+        ties_mode: str = "reference",
+        ties_extra_zeros: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -112,12 +116,21 @@ class Dare(MergeMethod):
         self.ties_k = float(ties_k)
         self.ties_reduce = ties_reduce
         self.ties_scope = ties_scope
+        self.ties_mode = ties_mode
+        self.ties_extra_zeros = ties_extra_zeros
         self.seed = int(seed)
         # Built now so that bad TIES settings fail at config time, not mid-merge.
         self._method = (
             TaskArithmetic(self.scaling)
             if base == "task_arithmetic"
-            else Ties(k=ties_k, scaling=self.scaling, reduce=ties_reduce, scope=ties_scope)
+            else Ties(
+                k=ties_k,
+                scaling=self.scaling,
+                reduce=ties_reduce,
+                scope=ties_scope,
+                mode=ties_mode,
+                extra_zeros=ties_extra_zeros,
+            )
         )
 
     def dropped(

@@ -175,6 +175,8 @@ def iter_tall_masks(
     ties_k: float = 0.2,
     ties_reduce: str = "sum",
     ties_scope: str = "global",
+    ties_mode: str = "reference",
+    ties_extra_zeros: int = 0,
 ) -> Iterator[MaskedParam]:
     """Stream over every key of ``pretrained``: θ0[key], τMTL[key] and the T TALL masks.
 
@@ -189,7 +191,14 @@ def iter_tall_masks(
     ties_merged: dict[str, Tensor] = {}
     if mtl == "ties":
         check_shapes(pretrained, experts)
-        ties = Ties(k=ties_k, scaling=1.0, reduce=ties_reduce, scope=ties_scope)
+        ties = Ties(
+            k=ties_k,
+            scaling=1.0,
+            reduce=ties_reduce,
+            scope=ties_scope,
+            mode=ties_mode,
+            extra_zeros=ties_extra_zeros,
+        )
         ties_merged = ties.merge(_Float32(pretrained), experts)  # θ0 + τMTL, fp32
     for key, base, vals in iter_params(pretrained, experts):
         if not base.is_floating_point():
