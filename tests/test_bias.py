@@ -12,7 +12,7 @@ from mergelab.analysis.bias import measure_bias, plot_bias, plot_projection
 from mergelab.context import RunContext
 from mergelab.errors import ConfigError
 from mergelab.pool.base import ModelPool, MultiTaskModel
-from mergelab.surgery.blocks import discover_blocks
+from mergelab.surgery.blocks import block_token_means, discover_blocks
 from mergelab.surgery.stats import StatsSurgery
 from mergelab.zoo.synthetic import synthetic_pool
 
@@ -148,3 +148,36 @@ def test_plot_projection_writes_png(pool, tmp_path):
     assert _is_png(plot_projection(model, pool, None, tmp_path / "proj_all.png", max_images=12))
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         plot_projection(model, pool, ["nope"], tmp_path / "x.png", max_images=12)
+
+
+def test_block_token_means_sees_the_output_after_later_hooks(pool):
+    """The one token-mean capture (blocks.block_token_means): per block, the mean over tokens
+    of what the next block receives, even when a hook registered inside the forward (as a
+    surgery model does) rewrites the block's output; a block never called is an error."""
+    encoder = pool.expert_encoder(pool.tasks[0]).eval()
+    blocks = discover_blocks(encoder)
+    x = torch.randn(2, 3, 16, 16)
+    plain, _ = block_token_means(blocks, lambda: encoder(x))
+    # independent computation: run the blocks by hand from the first block's input
+    inputs = []
+    h = blocks.modules[0].register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        encoder(x)
+    h.remove()
+    z = inputs[0]
+    with torch.no_grad():
+        for i, block in enumerate(blocks.modules):
+            z = block(z)
+            torch.testing.assert_close(plain[i], z.mean(dim=blocks.token_dim))
+
+    def forward_with_late_hook():
+        h = blocks.modules[1].register_forward_hook(lambda m, a, out: out + 1.0)
+        try:
+            return encoder(x)
+        finally:
+            h.remove()
+
+    shifted, _ = block_token_means(blocks, forward_with_late_hook)
+    torch.testing.assert_close(shifted[1], plain[1] + 1.0)
+    with pytest.raises(ConfigError, match="not called"):
+        block_token_means(blocks, lambda: None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -27,8 +26,9 @@ from torch import Tensor, nn
 
 from mergelab.context import RunContext
 from mergelab.errors import ConfigError
+from mergelab.files import atomic_path
 from mergelab.pool.base import ModelPool, MultiTaskModel
-from mergelab.surgery.blocks import block_tensor, discover_blocks
+from mergelab.surgery.blocks import block_token_means, discover_blocks
 from mergelab.surgery.stats import unlabeled_loader
 
 FINAL = "final"
@@ -74,7 +74,7 @@ def measure_bias(
             n = 0
             for x, (e_means, e_final) in zip(loader, cache[task]):
                 x = x.to(device)
-                m_means, m_final = _run(blocks, blocks.token_dim, partial(model.features, x, task))
+                m_means, m_final = block_token_means(blocks, partial(model.features, x, task))
                 for i, (m, e) in enumerate(zip([*m_means, m_final], [*e_means, e_final])):
                     # per image: mean over channels; summed over images, averaged below
                     total[i] += (m.float() - e.float()).abs().mean(dim=-1).double().sum().cpu()
@@ -91,9 +91,7 @@ def _expert_representations(
     expert_blocks = discover_blocks(expert)
     if len(expert_blocks) != depth:
         raise ConfigError(f"expert {task!r} has {len(expert_blocks)} blocks, the model has {depth}")
-    return [
-        _run(expert_blocks, expert_blocks.token_dim, partial(expert, x.to(device))) for x in loader
-    ]
+    return [block_token_means(expert_blocks, partial(expert, x.to(device))) for x in loader]
 
 
 def _check_task(pool: ModelPool, task: str) -> None:
@@ -114,44 +112,6 @@ def _evaluating(model: nn.Module, device: torch.device):
         yield
     finally:
         model.train(was_training).to(home)
-
-
-def _run(blocks, token_dim: int, forward) -> tuple[list[Tensor], Tensor]:
-    """Run ``forward()`` and return the token-mean output of each block and the final output.
-
-    Each capture hook is registered just before the forward and removed after it, so it runs
-    after hooks that were registered earlier (persistent surgery hooks). A pre-hook also moves
-    it to the end of the block's hook list at call time, so it runs after hooks that a
-    surgery model registers inside its own ``features`` too: we always see the corrected
-    output that the next block receives.
-    """
-    means: list[Tensor | None] = [None] * len(blocks)
-    handles = []
-    for i, module in enumerate(blocks.modules):
-
-        def capture(mod, args, output, i=i):
-            means[i] = block_tensor(output).mean(dim=token_dim)
-
-        h = module.register_forward_hook(capture)
-        handles.append(h)
-        handles.append(module.register_forward_pre_hook(_move_to_end(h.id)))
-    try:
-        final = forward()
-    finally:
-        for h in handles:
-            h.remove()
-    if any(m is None for m in means):
-        raise ConfigError("measure_bias: some blocks were not called by the model's forward")
-    return means, final
-
-
-def _move_to_end(hook_id: int):
-    def pre_hook(module: nn.Module, args) -> None:
-        hooks = getattr(module, "_forward_hooks", None)
-        if hooks is not None and hook_id in hooks and hasattr(hooks, "move_to_end"):
-            hooks.move_to_end(hook_id)
-
-    return pre_hook
 
 
 # ----------------------------------------------------------------------------------- plots
@@ -305,14 +265,6 @@ def _save_png(fig, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

@@ -8,11 +8,15 @@ the same attributes (the embedded benchmark is an open_clip ViT).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from torch import Tensor, nn
 
 from mergelab.errors import ConfigError
+
+T = TypeVar("T")
 
 # (attribute path to the block list, attribute path to the module holding width info)
 _CANDIDATES = (
@@ -85,3 +89,42 @@ def with_block_tensor(output, new: Tensor):
     if isinstance(output, list):
         return [new, *output[1:]]
     return new
+
+
+def block_token_means(blocks: Blocks, forward: Callable[[], T]) -> tuple[list[Tensor], T]:
+    """Run ``forward()`` and return the token mean of every block's output, in block order,
+    and what ``forward`` returned: the per-block representation that Surgery/SurgeryV2 align
+    (Yang et al., ICML 2024 §3; arXiv 2410.14389 Eq. 5) and the bias analysis measures.
+
+    Each capture hook is registered for this call only and moved to the end of its block's
+    hook list when the block runs (a pre-hook does it), so it sees the output after every other
+    hook, including hooks a surgery model registers inside ``forward``: the corrected output
+    that the next block receives. A block ``forward`` never called is a ConfigError.
+    """
+    means: list[Tensor | None] = [None] * len(blocks)
+    handles = []
+    for i, module in enumerate(blocks.modules):
+
+        def capture(mod: nn.Module, args, output, i: int = i) -> None:
+            means[i] = block_tensor(output).mean(dim=blocks.token_dim)
+
+        h = module.register_forward_hook(capture)
+        handles += [h, module.register_forward_pre_hook(_move_to_end(h.id))]
+    try:
+        out = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name, m in zip(blocks.names, means) if m is None]
+    if missing:
+        raise ConfigError(f"block(s) {missing} were not called by the model's forward")
+    return means, out  # type: ignore[return-value]
+
+
+def _move_to_end(hook_id: int):
+    def pre_hook(module: nn.Module, args) -> None:
+        hooks = getattr(module, "_forward_hooks", None)
+        if hooks is not None and hook_id in hooks and hasattr(hooks, "move_to_end"):
+            hooks.move_to_end(hook_id)
+
+    return pre_hook

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from mergelab.errors import ConfigError
 from mergelab.pool.base import MultiTaskModel
-from mergelab.surgery.blocks import Blocks, block_tensor, discover_blocks, with_block_tensor
+from mergelab.surgery.blocks import (
+    Blocks,
+    block_tensor,
+    block_token_means,
+    discover_blocks,
+    with_block_tensor,
+)
 
 # Kaiming-uniform slope of the down projection, as in the reference (= nn.Linear's default).
 DOWN_INIT_A = math.sqrt(5)
@@ -225,20 +231,8 @@ def _feature_dim(encoder: nn.Module, heads: Mapping[str, nn.Module]) -> int:
 def expert_targets(encoder: nn.Module, images: Tensor, with_blocks: bool) -> dict[str, Tensor]:
     """An encoder's final feature (``"target"``, ``(B, d)``) and, with ``with_blocks``, the
     token mean of every residual block's output (``"target_blocks"``, ``(B, n_blocks, D)``),
-    i.e. the alignment targets of Surgery (v1) and SurgeryV2. Hooks are removed afterwards."""
+    i.e. the alignment targets of Surgery (v1) and SurgeryV2."""
     if not with_blocks:
         return {"target": encoder(images)}
-    blocks = discover_blocks(encoder)
-    means: list[Tensor] = []
-    handles = [
-        b.register_forward_hook(
-            lambda m, a, out: means.append(block_tensor(out).mean(dim=blocks.token_dim))
-        )
-        for b in blocks.modules
-    ]
-    try:
-        final = encoder(images)
-    finally:
-        for h in handles:
-            h.remove()
+    means, final = block_token_means(discover_blocks(encoder), lambda: encoder(images))
     return {"target": final, "target_blocks": torch.stack(means, dim=1)}
