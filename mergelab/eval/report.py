@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from mergelab.files import atomic_write
 
 
 def average(row: dict[str, float]) -> float:
@@ -20,14 +20,6 @@ def normalized(row: dict[str, float], experts: dict[str, float]) -> float:
     """Mean over tasks of acc_merged / acc_expert (×100), as in the merging papers."""
     vals = [row[t] / experts[t] for t in row if t in experts and experts[t] > 0]
     return 100.0 * sum(vals) / len(vals) if vals else float("nan")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def build_rows(tasks: list[str], rows: dict[str, dict[str, float]]) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.errors import CheckpointError
+from mergelab.files import atomic_path
 
 StateDict = dict[str, Tensor]
 
@@ -69,6 +69,9 @@ class LazyStateDict(Mapping[str, Tensor]):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._header[key]["shape"])
 
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self._header[key]["dtype"]]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._header)
 
@@ -83,17 +86,8 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, metada
     """Write ``state`` to ``path`` atomically (temp file + rename): never a half-written file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights should be as readable as any output
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_compatible(
