@@ -28,7 +28,7 @@ from mergelab.eval.provenance import provenance
 from mergelab.merge.base import AdaptiveMerge, MergeMethod
 from mergelab.merge.conditional import TaskConditionalMerge
 from mergelab.pool.base import MultiTaskModel
-from mergelab.surgery.none import NoSurgery
+from mergelab.surgery.base import Surgery
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if not isinstance(method, (MergeMethod, AdaptiveMerge)):
         raise ConfigError(f"merge config builds {type(method).__name__}, expected a merge method")
     surgery = build(cfg.surgery)
+    if not isinstance(surgery, Surgery):
+        raise ConfigError(f"surgery config builds {type(surgery).__name__}, expected a Surgery")
     aligner = build(cfg.align) if cfg.get("align") is not None else None
     if aligner is not None and not isinstance(aligner, Alignment):
         raise ConfigError(f"align config builds {type(aligner).__name__}, expected an Alignment")
@@ -172,7 +174,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             t = time.time()
             after = (
                 bias_before
-                if isinstance(surgery, NoSurgery)
+                if surgery.identity
                 else measure_bias(model, pool, ctx, int(analysis.max_images), expert_reprs)
             )
             bias = {"before": bias_before, "after": after}
@@ -208,16 +210,15 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             label = f"{_label(cfg, 'align')} + {label}"
         if surgery_name != "none":
             label += f" + surgery {_label(cfg, 'surgery')}"
-            if getattr(surgery, "rank", None) is not None:
+            if surgery.rank is not None:
                 label += f" (rank {surgery.rank})"
         rows = {
             "pretrained": base["pretrained"],
             "individual experts": base["experts"],
             label: merged_acc,
         }
-        online = getattr(model, "online_accuracy", None)
-        if online:
-            rows[f"{label} [online]"] = online
+        for suffix, row in surgery.extra_rows(model).items():  # e.g. online surgery's
+            rows[f"{label} [{suffix}]"] = row
         table = report.build_rows(tasks, rows)
         timings["total_s"] = time.time() - t_start
         results: dict[str, Any] = {
@@ -226,7 +227,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             "merge": merge_name,
             "align": aligner.report if aligner is not None else None,
             "surgery": surgery_name,
-            "rank": getattr(surgery, "rank", None),  # as used (None: the kind has no rank)
+            "rank": surgery.rank,  # as used (None: the kind has no rank)
             "label": label,
             "tasks": tasks,
             "accuracy": merged_acc,
@@ -242,9 +243,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             "representation_bias": bias,
             "merge_storage": storage,  # task-conditional merges: bytes shared / per task
         }
-        extra = getattr(model, "report", None)
-        if callable(extra):
-            results.update(extra())
         report.write_results(out_dir, results)
         report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
         images = {

@@ -33,13 +33,25 @@ from mergelab.surgery.modules import SurgeryModel, expert_targets
 
 
 class Surgery(ABC):
-    """A representation-repair step applied to the merged model (or none)."""
+    """A representation-repair step applied to the merged model (or none).
+
+    What the pipeline reads besides :meth:`apply`: ``rank`` (the width of the repair
+    modules, ``None`` for kinds without), ``identity`` (``apply`` returns its input
+    unchanged, so nothing needs measuring twice) and :meth:`extra_rows`.
+    """
 
     name: str = "surgery"
+    rank: int | None = None
+    identity: bool = False
 
     @abstractmethod
     def apply(self, model: MultiTaskModel, pool: ModelPool, ctx: RunContext) -> MultiTaskModel:
         """Return a model whose ``forward(x, task)`` uses ``task``'s repair."""
+
+    def extra_rows(self, model: MultiTaskModel) -> dict[str, dict[str, float]]:
+        """Per-task accuracies this surgery measured itself on ``model`` (the one ``apply``
+        returned), keyed by the suffix of their table row; none by default."""
+        return {}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -135,6 +147,11 @@ class AdapterSurgery(Surgery):
         """One optimisation step's loss: the sum of the task losses (the authors' loop).
         Kinds that can evaluate all tasks in one pass override this (same value, faster)."""
         return torch.stack([self.loss(model, t, b) for t, b in batches.items()]).sum()
+
+    def extra_rows(self, model: MultiTaskModel) -> dict[str, dict[str, float]]:
+        """Online runs: the adapt-then-predict accuracy, as the row ``[online]``."""
+        online = getattr(model, "online_accuracy", None) if self.online else None
+        return {"online": dict(online)} if online else {}
 
     # -- the run ------------------------------------------------------------------------
     def build(self, model: MultiTaskModel) -> SurgeryModel:

@@ -11,6 +11,7 @@ class NoSurgery(Surgery):
     """Identity surgery: returns the merged multi-task model unchanged."""
 
     name = "none"
+    identity = True
 
     def apply(self, model: MultiTaskModel, pool: ModelPool, ctx: RunContext) -> MultiTaskModel:
         return model
