@@ -156,6 +156,58 @@ def test_missing_and_malformed_files_name_the_path(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
 
 
+# --- experts against θ0 -----------------------------------------------------------------------
+
+
+class _HeaderOnly(LazyStateDict):
+    """A lazy expert whose tensors must not be read (check_experts answers from headers)."""
+
+    def __getitem__(self, key):
+        raise AssertionError(f"check_experts read tensor {key!r}")
+
+
+def test_check_experts_names_expert_key_and_shapes_or_dtypes(tmp_path):
+    from mergelab.merge.base import check_experts
+    from mergelab.merge.dare import Dare
+    from mergelab.merge.task_arithmetic import TaskArithmetic
+    from mergelab.merge.ties import Ties
+    from mergelab.pool.state import save_state_dict
+
+    theta0 = {"w": torch.zeros(4, 3), "b": torch.zeros(4), "step": torch.tensor(2)}
+    good = {k: v + 1 if v.is_floating_point() else v.clone() for k, v in theta0.items()}
+    wide = {**good, "w": torch.ones(4, 5)}
+    for name, sd in {"theta0": theta0, "good": good, "wide": wide}.items():
+        save_state_dict(sd, tmp_path / f"{name}.safetensors")
+    lazy = {n: _HeaderOnly(tmp_path / f"{n}.safetensors") for n in ("theta0", "good", "wide")}
+
+    check_experts(lazy["theta0"], {"a": lazy["good"], "b": lazy["good"]})  # headers only
+    want = r"expert 'b': key 'w' has shape \(4, 5\), expected \(4, 3\)"
+    with pytest.raises(CheckpointError, match=want):
+        check_experts(lazy["theta0"], {"a": lazy["good"], "b": lazy["wide"]})
+    # every merge checks before it computes: one clear error, not a bare torch shape error
+    experts = {"a": good, "b": wide}
+    for method in (TaskArithmetic(0.3), Ties(k=0.5), Dare(p=0.5, base="ties", ties_k=0.5)):
+        with pytest.raises(CheckpointError, match=want):
+            method.merge(theta0, experts)
+
+    # dtypes: an integer buffer stored as float, or a float weight stored as integer, fails;
+    # another float precision is accepted (merges compute in float32, return θ0's dtype)
+    with pytest.raises(
+        CheckpointError,
+        match=r"expert 'a': key 'step' has dtype torch.float32, "
+        r"expected torch.int64",
+    ):
+        check_experts(theta0, {"a": {**good, "step": torch.tensor(2.0)}})
+    with pytest.raises(CheckpointError, match=r"key 'b' has dtype torch.int64, expected"):
+        check_experts(theta0, {"a": {**good, "b": torch.zeros(4, dtype=torch.int64)}})
+    with pytest.raises(CheckpointError, match=r"key 'step' has dtype torch.int32, expected"):
+        check_experts(theta0, {"a": {**good, "step": torch.tensor(2, dtype=torch.int32)}})
+    half = {**good, "w": good["w"].half()}
+    check_experts(theta0, {"a": half})
+    out = TaskArithmetic(1.0).merge(theta0, {"a": half})
+    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], good["w"])
+
+
 # --- the task_vectors pool ------------------------------------------------------------------
 
 

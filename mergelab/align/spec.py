@@ -307,6 +307,11 @@ class PermutedStateDict(Mapping[str, Tensor]):
         src = self.source
         return tuple(src.shape(key)) if hasattr(src, "shape") else tuple(src[key].shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        """Permutations keep dtypes."""
+        src = self.source
+        return src.dtype(key) if callable(getattr(src, "dtype", None)) else src[key].dtype
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.source)
 

@@ -66,9 +66,23 @@ class AdaptiveMerge(ABC):
         """Return merged weights for ``pool`` using the run context's Trainer settings."""
 
 
+def tensor_meta(sd: Mapping[str, Tensor], key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of ``sd[key]``; lazy state dicts that answer ``sd.shape(key)`` and
+    ``sd.dtype(key)`` from their header are not read."""
+    shape, dtype = getattr(sd, "shape", None), getattr(sd, "dtype", None)
+    if callable(shape) and callable(dtype):
+        return tuple(shape(key)), dtype(key)
+    v = sd[key]
+    return tuple(v.shape), v.dtype
+
+
 def check_experts(
     pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
 ) -> None:
+    """Every expert has θ0's keys, and every tensor θ0's shape and kind of dtype: a
+    floating-point tensor where θ0's is one (of any precision: merges compute in float32 and
+    return θ0's dtype), exactly θ0's dtype for integer / bool buffers. Raises one
+    CheckpointError naming the expert, the key and what was expected vs found."""
     if len(experts) == 0:
         raise ConfigError("merge needs at least one expert, got none")
     keys = set(pretrained.keys())
@@ -79,6 +93,22 @@ def check_experts(
             extra = sorted(got - keys)
             what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
             raise CheckpointError(f"expert {task!r} does not match the pretrained model: {what}")
+    for key in pretrained.keys():
+        want_shape, want_dtype = tensor_meta(pretrained, key)
+        for task, sd in experts.items():
+            shape, dtype = tensor_meta(sd, key)
+            if shape != want_shape:
+                raise CheckpointError(
+                    f"expert {task!r}: key {key!r} has shape {shape}, expected {want_shape} "
+                    "(the pretrained model's)"
+                )
+            if want_dtype.is_floating_point != dtype.is_floating_point or (
+                not want_dtype.is_floating_point and dtype != want_dtype
+            ):
+                raise CheckpointError(
+                    f"expert {task!r}: key {key!r} has dtype {dtype}, expected {want_dtype} "
+                    "(the pretrained model's)"
+                )
 
 
 def iter_params(

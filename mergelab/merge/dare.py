@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mergelab.errors import ConfigError
-from mergelab.merge.base import MergeMethod, StateDict, check_experts
+from mergelab.merge.base import MergeMethod, StateDict, check_experts, tensor_meta
 from mergelab.merge.masks import check_shapes
 from mergelab.merge.task_arithmetic import TaskArithmetic
 from mergelab.merge.ties import Ties
@@ -82,6 +82,14 @@ class DroppedExperts(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self.expert)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tensor_meta(self.expert, key)[0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        """float32 for a dropped float key (θ0 + τ̃ is computed in float32), else as stored."""
+        dtype = tensor_meta(self.expert, key)[1]
+        return dtype if self.p == 0.0 or not dtype.is_floating_point else torch.float32
 
 
 class Dare(MergeMethod):

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
-from mergelab.merge.base import check_experts, iter_params
+from mergelab.merge.base import check_experts, iter_params, tensor_meta
 from mergelab.merge.ties import Ties
 
 MTL_KINDS = ("task_arithmetic", "ties")
@@ -231,3 +231,7 @@ class _Float32(Mapping[str, Tensor]):
     def shape(self, key: str) -> tuple[int, ...]:
         fn = getattr(self.sd, "shape", None)
         return tuple(fn(key)) if callable(fn) else tuple(self.sd[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        dtype = tensor_meta(self.sd, key)[1]
+        return torch.float32 if dtype.is_floating_point else dtype
