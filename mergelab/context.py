@@ -1,12 +1,14 @@
-"""What every pipeline stage gets besides the pool: where to write, how to build a
-Lightning Trainer, the loggers, the seed and the top-level ``rank``."""
+"""What every pipeline stage gets besides the pool: where to write, the execution engine
+(device, precision, rank and every Trainer, from the ``trainer`` config), the loggers, the
+seed and the top-level ``rank``."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mergelab.engine import Engine
 
 
 @dataclass
@@ -18,34 +20,22 @@ class RunContext:
     rank: int = 16
     eval_batch_size: int = 256
     num_workers: int = 0
+    engine: Engine = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(self.trainer, self.loggers, self.out_dir)
 
     @property
     def device(self):
-        """Where one-off passes (feature caching, statistics, bias) run: this process's GPU
-        when the trainer config asks for one and one is visible (LOCAL_RANK under DDP),
-        else the CPU."""
-        import torch
+        """This process's device, as Lightning resolves the trainer config (the engine's)."""
+        return self.engine.device
 
-        acc = str(self.trainer.get("accelerator", "cpu")).lower()
-        if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process writes the run's files (rank 0, or the only process)."""
+        return self.engine.is_global_zero
 
     def make_trainer(self, **overrides: Any):
-        """A Lightning Trainer from the ``trainer`` config group, quiet by default.
-
-        Stages pass their own ``max_steps`` etc. as overrides; the config's accelerator,
-        devices, precision, strategy and num_nodes always apply.
-        """
-        import lightning as L
-
-        kw = {
-            "logger": self.loggers or False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "enable_progress_bar": False,
-            "default_root_dir": str(self.out_dir),
-        }
-        kw.update(self.trainer)
-        kw.update(overrides)
-        return L.Trainer(**kw)
+        """A quiet Lightning Trainer from the ``trainer`` config group (see
+        :meth:`Engine.trainer`); stages pass their own ``max_steps`` etc. as overrides."""
+        return self.engine.trainer(**overrides)

@@ -136,9 +136,15 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             eval_batch_size=int(cfg.eval.batch_size),
             num_workers=int(cfg.eval.num_workers),
         )
+        # Under DDP every process runs this function; start them all now, so that every pass
+        # below runs in lockstep. Rank 0 alone writes files (`writer`).
+        engine = ctx.engine
+        engine.start()
+        writer = engine.is_global_zero
 
         t = time.time()
-        pool = build(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
+        with engine.rank_zero_first():  # a zoo or a converted checkpoint is built once
+            pool = build(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
         timings["pool_s"] = time.time() - t
 
         if aligner is not None:  # permute experts (and bases) into one basis before any merge
@@ -178,7 +184,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 else measure_bias(model, pool, ctx, int(analysis.max_images), expert_reprs)
             )
             bias = {"before": bias_before, "after": after}
-            plot_bias(bias_before, None if after is bias_before else after, out_dir / "bias.png")
+            if writer:
+                plot_bias(
+                    bias_before, None if after is bias_before else after, out_dir / "bias.png"
+                )
             plot_projection(
                 model,
                 pool,
@@ -186,6 +195,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 out_dir / "projection.png",
                 int(analysis.max_images),
                 int(cfg.seed),
+                ctx=ctx,
             )
             timings["bias_s"] += time.time() - t
 
@@ -198,7 +208,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         timings["baselines_s"] = time.time() - t
 
         geometry = None
-        if analysis.get("task_vectors", True):  # the pool's regime: norms and cosines of τt
+        if writer and analysis.get("task_vectors", True):  # the pool's regime: τt norms, cosines
             t = time.time()
             geometry = cached_geometry(pool, cfg.paths.cache_dir)
             write_geometry(geometry, out_dir, f"{pool.family}/{pool.backbone} task vectors")
@@ -243,11 +253,12 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             "representation_bias": bias,
             "merge_storage": storage,  # task-conditional merges: bytes shared / per task
         }
-        report.write_results(out_dir, results)
-        report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
-        images = {
-            p.stem: p for p in sorted(out_dir.glob("*.png"))
-        }  # bias, projection, coefficients
-        report.log_to_loggers(loggers, results, results["config"], images)
-        log.info("results written to %s", out_dir)
+        if writer:
+            report.write_results(out_dir, results)
+            report.print_table(f"mergelab · {pool.family}/{pool.backbone} · {label}", tasks, table)
+            images = {
+                p.stem: p for p in sorted(out_dir.glob("*.png"))
+            }  # bias, projection, coefficients
+            report.log_to_loggers(loggers, results, results["config"], images)
+            log.info("results written to %s", out_dir)
         return results

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.context import RunContext
+from mergelab.engine import TaskBatches
 from mergelab.errors import ConfigError
 from mergelab.files import atomic_path
 from mergelab.pool.base import ModelPool, MultiTaskModel
 from mergelab.surgery.blocks import block_token_means, discover_blocks
-from mergelab.surgery.stats import unlabeled_loader
+from mergelab.surgery.unlabeled import unlabeled_indices
 
 FINAL = "final"
 
@@ -48,6 +48,9 @@ def measure_bias(
     every call, so before/after numbers are comparable). Returns a JSON-serialisable
     ``{"blocks": [block names..., "final"], "per_task": {task: [floats]}}``.
 
+    Measuring passes of the engine (its device, precision and processes: under DDP each
+    process measures whole batches and the sums are added up).
+
     ``expert_cache``: pass the same dict to the before- and after-surgery calls so each
     expert is loaded and run once (its representations of the seeded subset are fixed).
     """
@@ -55,43 +58,56 @@ def measure_bias(
         raise ConfigError(f"max_images must be a positive integer, got {max_images}")
     blocks = discover_blocks(model.encoder)
     names = [*blocks.names, FINAL]
-    device = ctx.device
-    per_task: dict[str, list[float]] = {}
-    with _evaluating(model, device), torch.no_grad():
-        for task in model.tasks:
-            _check_task(pool, task)
-            loader = unlabeled_loader(
-                pool.test_sets[task],
-                int(max_images),
-                ctx.eval_batch_size,
-                ctx.seed,
-                ctx.num_workers,
-            )
-            cache = expert_cache if expert_cache is not None else {}
-            if task not in cache:
-                cache[task] = _expert_representations(pool, task, loader, device, len(blocks))
-            total = torch.zeros(len(names), dtype=torch.float64)
-            n = 0
-            for x, (e_means, e_final) in zip(loader, cache[task]):
-                x = x.to(device)
-                m_means, m_final = block_token_means(blocks, partial(model.features, x, task))
-                for i, (m, e) in enumerate(zip([*m_means, m_final], [*e_means, e_final])):
-                    # per image: mean over channels; summed over images, averaged below
-                    total[i] += (m.float() - e.float()).abs().mean(dim=-1).double().sum().cpu()
-                n += x.shape[0]
-            per_task[task] = [float(v) for v in (total / n)]
+    for task in model.tasks:
+        _check_task(pool, task)
+    subsets = {
+        t: unlabeled_indices(len(pool.test_sets[t]), int(max_images), ctx.seed) for t in model.tasks
+    }
+    cache = expert_cache if expert_cache is not None else {}
+    for task in model.tasks:
+        if task not in cache:
+            cache[task] = _expert_representations(pool, task, subsets[task], ctx, len(blocks))
+
+    slot = {t: i for i, t in enumerate(model.tasks)}
+    # per task: Σ over images of the per-image L1 (mean over channels), per block + final
+    totals = torch.zeros(len(model.tasks), len(names) + 1, dtype=torch.float64)
+
+    def step(batch) -> None:
+        task, rows = batch["task"], batch["rows"].cpu()
+        m_means, m_final = block_token_means(blocks, partial(model.features, batch["images"], task))
+        e_means, e_final = cache[task]["means"][rows], cache[task]["final"][rows]
+        mine = [*m_means, m_final]
+        theirs = [*e_means.unbind(1), e_final]
+        for i, (m, e) in enumerate(zip(mine, theirs)):
+            l1 = (m.float().cpu() - e.float()).abs().mean(dim=-1)
+            totals[slot[task], i] += l1.double().sum()
+        totals[slot[task], -1] += rows.numel()
+
+    parts = {t: (pool.test_sets[t], subsets[t]) for t in model.tasks}
+    ctx.engine.run(step, {"model": model}, TaskBatches(parts, ctx.eval_batch_size), ctx.num_workers)
+    totals = ctx.engine.sum(totals)
+    per_task = {t: [float(v) for v in totals[i, :-1] / totals[i, -1]] for t, i in slot.items()}
     return {"blocks": names, "per_task": per_task}
 
 
 def _expert_representations(
-    pool: ModelPool, task: str, loader, device: torch.device, depth: int
-) -> list[tuple[list[Tensor], Tensor]]:
-    """Per batch of ``loader``: the expert's block token-means and final feature."""
-    expert = pool.expert_encoder(task).to(device)
+    pool: ModelPool, task: str, indices: Tensor, ctx: RunContext, depth: int
+) -> dict[str, Tensor]:
+    """The expert's block token-means ``(n, depth, D)`` and final features ``(n, d)`` on
+    ``indices`` of the task's test split, in that order, on every process."""
+    expert = pool.expert_encoder(task)
     expert_blocks = discover_blocks(expert)
     if len(expert_blocks) != depth:
         raise ConfigError(f"expert {task!r} has {len(expert_blocks)} blocks, the model has {depth}")
-    return [block_token_means(expert_blocks, partial(expert, x.to(device))) for x in loader]
+
+    def run(enc: nn.Module, x: Tensor) -> dict[str, Tensor]:
+        means, final = block_token_means(expert_blocks, partial(enc, x))
+        return {"means": torch.stack(means, dim=1), "final": final}
+
+    out = ctx.engine.compute(
+        run, expert, pool.test_sets[task], indices, ctx.eval_batch_size, ctx.num_workers
+    )
+    return {"means": out["means"], "final": out["final"]}
 
 
 def _check_task(pool: ModelPool, task: str) -> None:
@@ -99,19 +115,6 @@ def _check_task(pool: ModelPool, task: str) -> None:
         raise ConfigError(
             f"task {task!r} has no expert or test split in the pool (pool tasks: {list(pool.tasks)})"
         )
-
-
-@contextmanager
-def _evaluating(model: nn.Module, device: torch.device):
-    """Eval mode on ``device`` for the duration; the model's mode and device are restored."""
-    p = next(model.parameters(), None)
-    home = p.device if p is not None else device
-    was_training = model.training
-    model.eval().to(device)
-    try:
-        yield
-    finally:
-        model.train(was_training).to(home)
 
 
 # ----------------------------------------------------------------------------------- plots
@@ -166,11 +169,13 @@ def plot_projection(
     max_images: int = 200,
     seed: int = 0,
     label: str = "merged",
+    ctx: RunContext | None = None,
 ) -> Path:
     """PNG of a 2-D PCA of final image features, ``model`` (routed per task) vs the task's
     expert, one panel per task, as in the representation-bias figures of Surgery (ICML 2024,
     Fig. 1) and SurgeryV2. The PCA of each panel is fit on both point sets together so they
-    share axes. ``tasks=None`` shows up to the first four of the model's tasks."""
+    share axes. ``tasks=None`` shows up to the first four of the model's tasks. Features come
+    from measuring passes of ``ctx``'s engine (default: one CPU process); only rank 0 writes."""
     tasks = list(model.tasks[:4] if tasks is None else tasks)
     if not tasks:
         raise ConfigError("plot_projection needs at least one task")
@@ -183,18 +188,19 @@ def plot_projection(
 
     from matplotlib.figure import Figure
 
-    device = _first_device(model)
+    ctx = ctx if ctx is not None else RunContext(out_dir=Path(path).parent)
+    bs, nw = ctx.eval_batch_size, ctx.num_workers
     panels = []
-    with _evaluating(model, device), torch.no_grad():
-        for t in tasks:
-            expert = pool.expert_encoder(t).to(device)
-            m_feats, e_feats = [], []
-            for x in unlabeled_loader(pool.test_sets[t], int(max_images), 256, seed):
-                x = x.to(device)
-                m_feats.append(model.features(x, t).float().cpu())
-                e_feats.append(expert(x).float().cpu())
-            del expert
-            panels.append((t, *_pca2(torch.cat(m_feats), torch.cat(e_feats))))
+    for t in tasks:
+        ds = pool.test_sets[t]
+        idx = unlabeled_indices(len(ds), int(max_images), seed)
+        mine = ctx.engine.compute(lambda m, x, t=t: {"f": m.features(x, t)}, model, ds, idx, bs, nw)
+        expert = pool.expert_encoder(t)
+        theirs = ctx.engine.compute(lambda e, x: {"f": e(x)}, expert, ds, idx, bs, nw)
+        del expert
+        panels.append((t, *_pca2(mine["f"].float(), theirs["f"].float())))
+    if not ctx.is_global_zero:  # every process measured its share; rank 0 draws
+        return Path(path)
 
     ncols = min(4, len(tasks))
     nrows = math.ceil(len(tasks) / ncols)
@@ -252,11 +258,6 @@ def _colours(n: int) -> list:
 
     cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _first_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _save_png(fig, path: str | os.PathLike) -> Path:

@@ -1,41 +1,21 @@
-"""Per-task evaluation as a LightningModule with torchmetrics (correct under DDP: metrics are
-synchronised across processes when computed)."""
+"""Per-task top-1 accuracy, computed by a measuring pass of the engine (``Trainer.predict``).
+
+Under DDP each process classifies whole batches of the single-process batching (batch k on
+rank k mod N, no padded sampler), so every test sample is counted exactly once; the per-task
+counts of correct and seen samples are summed over the processes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import lightning as L
 import torch
-import torchmetrics
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mergelab.context import RunContext
-
-
-class TaskEvaluator(L.LightningModule):
-    """Runs ``model(x, task)`` over one dataloader per task; top-1 accuracy per task."""
-
-    def __init__(self, model: nn.Module, tasks: list[str], num_classes: Mapping[str, int]):
-        super().__init__()
-        self.model = model
-        self.task_names = list(tasks)
-        self.acc = nn.ModuleDict(
-            {
-                t: torchmetrics.classification.MulticlassAccuracy(num_classes[t], average="micro")
-                for t in tasks
-            }
-        )
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        x, y = batch[0], batch[1]
-        task = self.task_names[dataloader_idx]
-        logits = self.model(x, task)
-        self.acc[task].update(logits.argmax(-1), y)
-        self.log(
-            f"acc/{task}", self.acc[task], on_step=False, on_epoch=True, add_dataloader_idx=False
-        )
+from mergelab.engine import TaskBatches
+from mergelab.errors import ConfigError
 
 
 def num_classes_of(head: nn.Module) -> int:
@@ -50,13 +30,22 @@ def evaluate(
     ctx: RunContext,
     tasks: list[str] | None = None,
 ) -> dict[str, float]:
-    """Accuracy (%) per task of ``model(x, task)`` on ``datasets[task]``."""
+    """Accuracy (%) per task of ``model(x, task)`` on ``datasets[task]`` (``heads`` is kept
+    for callers that pass it; the model routes to its own heads)."""
     tasks = list(tasks or datasets.keys())
-    evaluator = TaskEvaluator(model, tasks, {t: num_classes_of(heads[t]) for t in tasks})
-    loaders = [
-        DataLoader(datasets[t], batch_size=ctx.eval_batch_size, num_workers=ctx.num_workers)
-        for t in tasks
-    ]
-    trainer = ctx.make_trainer(logger=False)
-    trainer.test(evaluator, dataloaders=loaders, verbose=False)
-    return {t: 100.0 * float(trainer.callback_metrics[f"acc/{t}"]) for t in tasks}
+    empty = [t for t in tasks if len(datasets[t]) == 0]
+    if empty:
+        raise ConfigError(f"task {empty[0]!r} has an empty test split; nothing to evaluate")
+    slot = {t: i for i, t in enumerate(tasks)}
+    # counts[i] = (correct, seen) of task i on this process
+    counts = torch.zeros(len(tasks), 2, dtype=torch.long)
+
+    def step(batch) -> None:
+        pred = model(batch["images"], batch["task"]).argmax(dim=-1)
+        hit = int((pred == batch["label"]).sum())
+        counts[slot[batch["task"]]] += torch.tensor([hit, int(batch["label"].numel())])
+
+    batches = TaskBatches({t: (datasets[t], None) for t in tasks}, ctx.eval_batch_size)
+    ctx.engine.run(step, {"model": model}, batches, ctx.num_workers)
+    total = ctx.engine.sum(counts)
+    return {t: 100.0 * float(total[i, 0]) / float(total[i, 1]) for t, i in slot.items()}

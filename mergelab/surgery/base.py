@@ -7,7 +7,6 @@ the task's own repair. The pipeline calls nothing else.
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ from mergelab.surgery.lit import (
     StepDataset,
     SurgeryLit,
     TaskSource,
-    extract,
     make_schedule,
     online_schedule,
     used_indices,
@@ -191,20 +189,22 @@ class AdapterSurgery(Surgery):
             smodel, self.step_loss, self.lr, self.betas, self.weight_decay,
             experts=experts, with_blocks=self.block_sites, online=self.online,
         )  # fmt: skip
-        loader = DataLoader(
-            StepDataset(schedule, sources), batch_size=None, num_workers=ctx.num_workers
+        engine = ctx.engine
+        steps = StepDataset(schedule, sources, engine.global_rank, engine.world_size)
+        # round_robin and online steps leave some tasks' modules without a gradient
+        partial_steps = any(len(step) < len(smodel.tasks) for step in schedule)
+        engine.fit(
+            lit,
+            DataLoader(steps, batch_size=None, num_workers=ctx.num_workers),
+            max_steps=len(schedule),
+            find_unused_parameters=partial_steps,
         )
-        trainer = ctx.make_trainer(max_steps=len(schedule))
-        with warnings.catch_warnings():
-            # The frozen backbone, heads and experts stay in eval mode on purpose.
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-            trainer.fit(lit, loader)
 
         smodel.loss_history = lit.loss_history()
         if self.online:
             smodel.online_accuracy, smodel.online_counts = lit.online_results()
         smodel = smodel.cpu().eval()
-        if self.save and trainer.is_global_zero:
+        if self.save and engine.is_global_zero:
             save_surgery(smodel, Path(ctx.out_dir) / SURGERY_FILE, backbone=pool.backbone)
         return smodel
 
@@ -220,26 +220,19 @@ class AdapterSurgery(Surgery):
             experts = {t: pool.expert_encoder(t).requires_grad_(False) for t in smodel.tasks}
             return sources, experts
 
-        device = ctx.device
-        bs, nw = ctx.eval_batch_size, ctx.num_workers
+        engine, bs, nw = ctx.engine, ctx.eval_batch_size, ctx.num_workers
         sources = {}
         for t in smodel.tasks:
             ds, idx = pool.test_sets[t], used_indices(schedule, t)
             expert = pool.expert_encoder(t).requires_grad_(False)
-            cached = extract(
-                expert,
-                lambda enc, x: expert_targets(enc, x, self.block_sites),
-                ds,
-                idx,
-                bs,
-                nw,
-                device,
+            cached = engine.compute(
+                lambda enc, x: expert_targets(enc, x, self.block_sites), expert, ds, idx, bs, nw
             )
             del expert  # one expert in memory at a time
             if not self.merged_in_loop:
                 smodel.use_task(t)  # a task-conditional merge: task t's weights
-                merged = extract(
-                    smodel.encoder, lambda enc, x: {"feature": enc(x)}, ds, idx, bs, nw, device
+                merged = engine.compute(
+                    lambda enc, x: {"feature": enc(x)}, smodel.encoder, ds, idx, bs, nw
                 )
                 cached["feature"] = merged["feature"]
             row_of = torch.full((len(ds),), -1, dtype=torch.long)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
+from mergelab.engine import loss_scale, rank_rows
 from mergelab.errors import ConfigError
 from mergelab.surgery.modules import FINAL_SITE, SurgeryModel, expert_targets
 
@@ -132,48 +134,35 @@ class TaskSource:
 
 
 class StepDataset(Dataset):
-    """Item ``s`` is step ``s`` of the schedule: task → batch dict (load with batch_size=None)."""
+    """Item ``s`` is this process's share of step ``s`` of the schedule (load with
+    ``batch_size=None``): ``{"rows": global rows per task, "tasks": task → batch dict of the
+    local rows, "idle": tasks of the step with no local rows}``.
 
-    def __init__(self, schedule: Sequence[Step], sources: Mapping[str, TaskSource]):
+    Under DDP every process walks the whole schedule and takes rows ``rank::world_size`` of
+    every task's batch (the global batch is split, not multiplied); one process takes all."""
+
+    def __init__(
+        self,
+        schedule: Sequence[Step],
+        sources: Mapping[str, TaskSource],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.schedule = list(schedule)
         self.sources = dict(sources)
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
         return len(self.schedule)
 
-    def __getitem__(self, s: int) -> dict[str, dict[str, Tensor]]:
-        return {t: self.sources[t](idx) for t, idx in self.schedule[s].items()}
-
-
-@torch.no_grad()
-def extract(
-    encoder: nn.Module,
-    fn: Callable[[nn.Module, Tensor], dict[str, Tensor]],
-    dataset: Dataset,
-    indices: Tensor,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-) -> dict[str, Tensor]:
-    """Run ``fn(encoder, images)`` once over ``dataset[indices]`` (no grad, large batches) and
-    return its outputs and the labels, concatenated in ``indices`` order, on the CPU."""
-    home = next(encoder.parameters()).device
-    encoder.to(device)
-    parts: dict[str, list[Tensor]] = {}
-    try:
-        loader = DataLoader(
-            Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=num_workers
-        )
-        for x, y in loader:
-            outs = fn(encoder, x.to(device))
-            outs["label"] = torch.as_tensor(y, dtype=torch.long)
-            for k, v in outs.items():
-                parts.setdefault(k, []).append(
-                    v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                )
-    finally:
-        encoder.to(home)
-    return {k: torch.cat(v) for k, v in parts.items()}
+    def __getitem__(self, s: int) -> dict[str, Any]:
+        step = self.schedule[s]
+        local = {t: rank_rows(idx, self.rank, self.world_size) for t, idx in step.items()}
+        return {
+            "rows": max(int(idx.numel()) for idx in step.values()),
+            "tasks": {t: self.sources[t](idx) for t, idx in local.items() if idx.numel()},
+            "idle": [t for t, idx in local.items() if not idx.numel()],
+        }
 
 
 # -- the LightningModule ------------------------------------------------------------------
@@ -184,11 +173,15 @@ class SurgeryLit(L.LightningModule):
     """Trains only the surgery modules of ``model`` (Adam, Surgery §4.2); the merged backbone
     and the heads are frozen.
 
-    A step's batch is ``task → dict``; ``loss_fn(model, batches)`` returns the step's loss,
-    the sum of the task losses. When a task's batch carries no ``"target"`` (the reference loop, ``cache: false``),
-    the expert in ``experts[task]`` is re-run on the batch's images to produce it. With
-    ``online``, after each optimiser step every sample of the step is predicted with the
-    updated modules (adapt, then predict) and scored against its label.
+    A step's batch is a :class:`StepDataset` item; ``loss_fn(model, batches)`` returns the
+    step's loss, the sum of the task losses. When a task's batch carries no ``"target"`` (the
+    reference loop, ``cache: false``), the expert in ``experts[task]`` is re-run on the batch's
+    images to produce it. With ``online``, after each optimiser step every sample of the step
+    is predicted with the updated modules (adapt, then predict) and scored against its label.
+
+    Under DDP each process holds a share of the step's global batch; its loss is scaled so
+    that DDP's gradient average is the gradient of the single-device loss, and the loss
+    history and online counts are summed over the processes when training ends.
     """
 
     def __init__(
@@ -211,8 +204,11 @@ class SurgeryLit(L.LightningModule):
         self.with_blocks = bool(with_blocks)
         self.online = bool(online)
         self._history: list[Tensor] = []
-        self._correct: dict[str, Tensor] = {}
-        self._seen: dict[str, int] = {}
+        # per task: (correct, seen) of the online predictions, this process's rows
+        self._counts = torch.zeros(len(model.tasks), 2, dtype=torch.float64)
+        self._slot = {t: i for i, t in enumerate(model.tasks)}
+        self.history: list[float] = []
+        self.counts: dict[str, tuple[int, int]] = {}
 
     def train(self, mode: bool = True) -> SurgeryLit:
         super().train(mode)
@@ -234,12 +230,21 @@ class SurgeryLit(L.LightningModule):
             raise ConfigError(f"no cached targets and no expert for task {task!r}")
         return {**batch, **expert_targets(self.experts[task], batch["images"], self.with_blocks)}
 
-    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        loss = self.loss_fn(self.model, {t: self._with_targets(t, b) for t, b in batch.items()})
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        tasks: dict[str, dict[str, Tensor]] = batch["tasks"]
+        local = max((int(b["label"].numel()) for b in tasks.values()), default=0)
+        # A task of the step with no rows here still joins the graph (zero gradient), so the
+        # loss is defined on every process and DDP sees its modules used.
+        loss = sum(
+            (p.sum() * 0.0 for t in batch["idle"] for p in self.model.adapters[t].parameters()),
+            start=torch.zeros((), device=self.device),
+        )
+        if tasks:
+            step = self.loss_fn(self.model, {t: self._with_targets(t, b) for t, b in tasks.items()})
+            loss = loss + step * loss_scale(local, int(batch["rows"]), self.trainer.world_size)
         self._history.append(loss.detach())
         if self.loggers:  # Lightning's logging costs ~1 ms a step: skip it when nobody listens
-            n = sum(int(b["label"].numel()) for b in batch.values())
-            self.log("surgery/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=n)
+            self.log("surgery/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=local)
         return loss
 
     @torch.no_grad()
@@ -248,21 +253,29 @@ class SurgeryLit(L.LightningModule):
             return self.model.heads[task](self.model.adapters[task][FINAL_SITE](batch["feature"]))
         return self.model(batch["images"], task)
 
-    def on_train_batch_end(
-        self, outputs, batch: dict[str, dict[str, Tensor]], batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
         # Lightning calls this after the optimiser step: online predictions use adapted modules.
         if not self.online:
             return
-        for t, b in batch.items():
-            pred = self._logits(t, b).argmax(dim=-1)
-            hit = (pred == b["label"]).sum()
-            self._correct[t] = self._correct.get(t, 0) + hit
-            self._seen[t] = self._seen.get(t, 0) + int(b["label"].numel())
+        with self.trainer.precision_plugin.forward_context():
+            for t, b in batch["tasks"].items():
+                hit = (self._logits(t, b).argmax(dim=-1) == b["label"]).sum()
+                self._counts[self._slot[t]] += torch.tensor([float(hit), b["label"].numel()])
+
+    def on_train_end(self) -> None:
+        """Sum the per-process loss shares and online counts over the processes."""
+        strategy = self.trainer.strategy
+        if self._history:
+            hist = strategy.reduce(torch.stack(self._history).double(), reduce_op="sum")
+            self.history = (hist / self.trainer.world_size).cpu().tolist()
+        counts = strategy.reduce(self._counts.to(self.device), reduce_op="sum").cpu()
+        self.counts = {t: (int(counts[i, 0]), int(counts[i, 1])) for t, i in self._slot.items()}
 
     def loss_history(self) -> list[float]:
-        return torch.stack(self._history).float().cpu().tolist() if self._history else []
+        """The single-device loss of every step (the sum of the processes' scaled shares)."""
+        return [float(x) for x in self.history]
 
     def online_results(self) -> tuple[dict[str, float], dict[str, int]]:
-        acc = {t: float(self._correct[t]) / self._seen[t] for t in self._seen}
-        return acc, dict(self._seen)
+        seen = {t: n for t, (_, n) in self.counts.items() if n}
+        acc = {t: self.counts[t][0] / n for t, n in seen.items()}
+        return acc, seen

@@ -12,6 +12,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 
+def unlabeled_indices(n: int, num_samples: int | None, seed: int) -> Tensor:
+    """The sorted indices of ``num_samples`` of ``n`` items (all if None or more than ``n``),
+    drawn without replacement with ``seed``: the same subset for every pass."""
+    if num_samples is None or num_samples >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[: int(num_samples)].sort().values
+
+
 def unlabeled_loader(
     dataset: Dataset, num_samples: int | None, batch_size: int, seed: int, num_workers: int = 0
 ) -> DataLoader:
@@ -20,9 +29,7 @@ def unlabeled_loader(
     every pass sees the same images in the same order. Labels are dropped."""
     n = len(dataset)
     if num_samples is not None and num_samples < n:
-        g = torch.Generator().manual_seed(int(seed))
-        idx = torch.randperm(n, generator=g)[: int(num_samples)].sort().values.tolist()
-        dataset = Subset(dataset, idx)
+        dataset = Subset(dataset, unlabeled_indices(n, num_samples, seed).tolist())
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_images
     )
