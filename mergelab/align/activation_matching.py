@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mergelab import validate
 from mergelab.align.assign import assign_heads, assign_units
 from mergelab.align.base import Alignment, weight_cosine
 from mergelab.align.spec import WITHIN, Perms, PermutationSpec, Site
@@ -243,15 +244,11 @@ class ActivationMatching(Alignment):
         seed: int = 0,
     ):
         super().__init__()
-        if int(num_samples) < 2:
-            raise ConfigError(f"activation_matching num_samples must be ≥ 2, got {num_samples}")
-        if int(batch_size) < 1:
-            raise ConfigError(f"activation_matching batch_size must be ≥ 1, got {batch_size}")
-        self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
+        self.num_samples = validate.integer("align.num_samples", num_samples, minimum=2)
+        self.batch_size = validate.integer("align.batch_size", batch_size)
         self.within_head = bool(within_head)
-        self.eps = float(eps)
-        self.seed = int(seed)
+        self.eps = validate.number("align.eps", eps, gt=0)
+        self.seed = validate.integer("align.seed", seed, minimum=None)
 
     def find(
         self,

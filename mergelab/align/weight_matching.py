@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergelab import validate
 from mergelab.align.assign import assign_heads, assign_units, heads_value, units_value
 from mergelab.align.base import Alignment, weight_cosine
 from mergelab.align.spec import WITHIN, Perms, PermutationSpec, head_parts
 from mergelab.context import RunContext
-from mergelab.errors import ConfigError
 from mergelab.pool.base import ModelPool
 
 
@@ -138,12 +138,10 @@ class WeightMatching(Alignment):
         self, max_iter: int = 100, seed: int = 0, within_head: bool = True, rel_tol: float = 1e-9
     ):
         super().__init__()
-        if int(max_iter) < 1:
-            raise ConfigError(f"weight_matching max_iter must be ≥ 1, got {max_iter}")
-        self.max_iter = int(max_iter)
-        self.seed = int(seed)
+        self.max_iter = validate.integer("align.max_iter", max_iter)
+        self.seed = validate.integer("align.seed", seed, minimum=None)
         self.within_head = bool(within_head)
-        self.rel_tol = float(rel_tol)
+        self.rel_tol = validate.number("align.rel_tol", rel_tol, ge=0)
 
     def find(
         self,

@@ -44,6 +44,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mergelab import validate
 from mergelab.errors import ConfigError
 from mergelab.merge.accumulate import ExpertAccumulator
 from mergelab.merge.base import AdaptiveMerge, StateDict, check_experts
@@ -80,10 +81,7 @@ class FisherCollector(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        if estimator not in ESTIMATORS:
-            raise ConfigError(
-                f"merge.estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}"
-            )
+        validate.choice("merge.estimator", estimator, ESTIMATORS)
         self.encoder = encoder.eval()
         # a private copy: Lightning moves this module to the device, the pool's head stays put
         self.head = copy.deepcopy(head).eval().requires_grad_(False)
@@ -263,37 +261,24 @@ class FisherMerging(AdaptiveMerge):
         grad_memory_mb: float = 1024.0,
         seed: int | None = None,
     ):
-        if estimator not in ESTIMATORS:
-            raise ConfigError(
-                f"merge.estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}"
-            )
-        if int(samples_per_example) < 1:
-            raise ConfigError(f"merge.samples_per_example must be >= 1, got {samples_per_example}")
-        if num_samples is not None and int(num_samples) < 1:
-            raise ConfigError(
-                f"merge.num_samples must be >= 1 (or null for all), got {num_samples}"
-            )
-        if int(batch_size) < 1:
-            raise ConfigError(f"merge.batch_size must be >= 1, got {batch_size}")
+        self.estimator = validate.choice("merge.estimator", estimator, ESTIMATORS)
+        self.samples_per_example = validate.integer(
+            "merge.samples_per_example", samples_per_example
+        )
+        # null: all of each task's data
+        self.num_samples = validate.integer("merge.num_samples", num_samples, optional=True)
+        self.batch_size = validate.integer("merge.batch_size", batch_size)
         if weights is not None:
             weights = [float(w) for w in weights]
             if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
                 raise ConfigError(
                     f"merge.weights must be finite, non-negative and not all 0; got {weights}"
                 )
-        if not float(eps) > 0:
-            raise ConfigError(f"merge.eps must be > 0, got {eps}")
-        if not float(grad_memory_mb) > 0:
-            raise ConfigError(f"merge.grad_memory_mb must be > 0, got {grad_memory_mb}")
-        self.estimator = estimator
-        self.samples_per_example = int(samples_per_example)
-        self.num_samples = None if num_samples is None else int(num_samples)
-        self.batch_size = int(batch_size)
         self.weights = weights
         self.normalize = bool(normalize)
-        self.eps = float(eps)
-        self.grad_memory_mb = float(grad_memory_mb)
-        self.seed = None if seed is None else int(seed)
+        self.eps = validate.number("merge.eps", eps, gt=0)
+        self.grad_memory_mb = validate.number("merge.grad_memory_mb", grad_memory_mb, gt=0)
+        self.seed = validate.integer("merge.seed", seed, minimum=None, optional=True)
         # Filled by fit(): ‖Ft‖ per task (for reports and tests).
         self.fisher_norms_: dict[str, float] = {}
 

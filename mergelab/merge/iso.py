@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from mergelab.merge import ops
+from mergelab import validate
 from mergelab.merge.base import MergeMethod
 from mergelab.merge.tsv_m import mean_task_vector, polar_factor
 
@@ -90,7 +90,7 @@ class IsoCTS(MergeMethod):
 
     def __init__(self, common_fraction: float = 0.8, scaling: float = 1.0):
         super().__init__()
-        self.common_fraction = ops.check_fraction("iso_cts common_fraction", common_fraction)
+        self.common_fraction = validate.fraction("merge.common_fraction", common_fraction)
         self.scaling = float(scaling)
 
     def merge_key(self, key: str, base: Tensor, experts: list[Tensor]) -> Tensor:

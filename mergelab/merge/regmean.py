@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge.accumulate import ExpertAccumulator
 from mergelab.merge.base import AdaptiveMerge, StateDict, check_experts
@@ -378,24 +379,14 @@ class RegMean(AdaptiveMerge):
         output_projection: str = "regmean",
         seed: int | None = None,
     ):
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"merge.alpha must be in [0, 1], got {alpha}")
-        if num_samples is not None and int(num_samples) < 1:
-            raise ConfigError(
-                f"merge.num_samples must be >= 1 (or null for all), got {num_samples}"
-            )
-        if int(batch_size) < 1:
-            raise ConfigError(f"merge.batch_size must be >= 1, got {batch_size}")
-        if output_projection not in OUTPUT_PROJECTIONS:
-            raise ConfigError(
-                f"merge.output_projection must be one of {', '.join(OUTPUT_PROJECTIONS)}; "
-                f"got {output_projection!r}"
-            )
-        self.alpha = float(alpha)
-        self.num_samples = None if num_samples is None else int(num_samples)
-        self.batch_size = int(batch_size)
-        self.output_projection = output_projection
-        self.seed = None if seed is None else int(seed)
+        self.alpha = validate.fraction("merge.alpha", alpha)
+        # null: all of each task's data
+        self.num_samples = validate.integer("merge.num_samples", num_samples, optional=True)
+        self.batch_size = validate.integer("merge.batch_size", batch_size)
+        self.output_projection = validate.choice(
+            "merge.output_projection", output_projection, OUTPUT_PROJECTIONS
+        )
+        self.seed = validate.integer("merge.seed", seed, minimum=None, optional=True)
         # Filled by fit(): which keys were solved, which averaged.
         self.regmean_keys_: list[str] = []
         self.averaged_keys_: list[str] = []

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
 from mergelab.merge.base import MergeMethod, StateDict, check_experts
@@ -70,11 +71,9 @@ class Ties(MergeMethod):
         extra_zeros: int = 0,
     ):
         super().__init__()
-        self.k = ops.check_fraction("ties k", k)
-        self.scaling = float(scaling)
-        if reduce not in REDUCES:
-            raise ConfigError(f"ties reduce must be 'sum' or 'mean', got {reduce!r}")
-        self.reduce = reduce
+        self.k = validate.fraction("ties k", k)
+        self.scaling = validate.number("ties scaling", scaling)
+        self.reduce = validate.choice("ties reduce", reduce, REDUCES)
         self.scope, self.mode, self.extra_zeros = _check_trim(scope, mode, extra_zeros)
 
     def merge(
@@ -101,7 +100,7 @@ def ties_task_vectors(
     """Per-task TIES-processed task vectors (trimmed, then only the entries agreeing with the
     elected sign kept — the reference's ``selected_entries``), for AdaMerging++ where λ
     scales each task's processed vector. Float keys only, float32."""
-    ops.check_fraction("ties k", k)
+    validate.fraction("ties k", k)
     scope, mode, extra_zeros = _check_trim(scope, mode, extra_zeros)
     workers = torch.get_num_threads()
     with ops.one_thread():
@@ -109,11 +108,9 @@ def ties_task_vectors(
 
 
 def _check_trim(scope: str, mode: str, extra_zeros: int) -> tuple[str, str, int]:
-    if scope not in SCOPES:
-        raise ConfigError(f"ties scope must be one of {SCOPES}, got {scope!r}")
-    ops.check_trim_mode(mode)
-    if int(extra_zeros) < 0 or int(extra_zeros) != extra_zeros:
-        raise ConfigError(f"ties extra_zeros must be a count >= 0, got {extra_zeros!r}")
+    validate.choice("ties scope", scope, SCOPES)
+    validate.choice("ties mode", mode, ops.TRIM_MODES)
+    extra_zeros = validate.integer("ties extra_zeros", extra_zeros, minimum=0)
     if extra_zeros and scope != "global":
         raise ConfigError(
             "ties extra_zeros counts entries of the whole flattened vector: scope=global"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mergelab import validate
 from mergelab.context import RunContext
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.pool.base import ModelPool, MultiTaskModel
@@ -78,16 +79,10 @@ class StatsSurgery(Surgery):
         load_from: str | None = None,
     ):
         self.sites = check_kinds(sites)
-        if num_samples is not None and int(num_samples) < 1:
-            raise ConfigError(f"num_samples must be a positive integer or null, got {num_samples}")
-        if int(batch_size) < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
-        if not float(eps) > 0:
-            raise ConfigError(f"eps must be > 0 (it guards division by a zero std), got {eps}")
-        self.num_samples = None if num_samples is None else int(num_samples)
-        self.batch_size = int(batch_size)
-        self.eps = float(eps)
-        self.seed = int(seed)
+        self.num_samples = validate.integer("surgery.num_samples", num_samples, optional=True)
+        self.batch_size = validate.integer("surgery.batch_size", batch_size)
+        self.eps = validate.number("surgery.eps", eps, gt=0)  # guards division by a zero std
+        self.seed = validate.integer("surgery.seed", seed, minimum=None)
         self.save_stats = bool(save_stats)
         self.stats_file = str(stats_file)
         self.replay = bool(replay)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mergelab import validate
 from mergelab.errors import ConfigError
 from mergelab.merge.adamerging import outputs
 from mergelab.merge.adamerging.data import TaskBatches
@@ -59,39 +60,18 @@ class AdaMerging(AdaptiveMerge):
         save_coefficients: bool = True,
         plot: bool = True,
     ):
-        if granularity not in GRANULARITIES:
-            raise ConfigError(
-                f"merge.granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}"
-            )
-        if vectors not in VECTORS:
-            raise ConfigError(f"merge.vectors must be one of {', '.join(VECTORS)}; got {vectors!r}")
-        if not clamp_min <= clamp_max:
-            raise ConfigError(
-                f"merge.clamp_min ({clamp_min}) must be <= merge.clamp_max ({clamp_max})"
-            )
-        if not clamp_min <= init <= clamp_max:
-            raise ConfigError(
-                f"merge.init ({init}) must lie in [clamp_min, clamp_max] = [{clamp_min}, {clamp_max}]"
-            )
-        if lr <= 0:
-            raise ConfigError(f"merge.lr must be > 0, got {lr}")
-        betas = tuple(float(b) for b in betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ConfigError(f"merge.betas must be two numbers in [0, 1), got {list(betas)}")
-        if int(steps) < 1:
-            raise ConfigError(f"merge.steps must be >= 1, got {steps}")
-        if int(batch_size) < 1:
-            raise ConfigError(f"merge.batch_size must be >= 1, got {batch_size}")
-        if vectors == "ties" and not 0.0 < ties_k <= 1.0:
-            raise ConfigError(f"merge.ties_k must be a fraction in (0, 1], got {ties_k}")
-        self.granularity = granularity
-        self.vectors = vectors
-        self.init = float(init)
-        self.clamp_min, self.clamp_max = float(clamp_min), float(clamp_max)
-        self.lr, self.betas = float(lr), betas
-        self.steps, self.batch_size = int(steps), int(batch_size)
-        self.ties_k, self.ties_scope = float(ties_k), ties_scope
-        self.seed = None if seed is None else int(seed)
+        self.granularity = validate.choice("merge.granularity", granularity, GRANULARITIES)
+        self.vectors = validate.choice("merge.vectors", vectors, VECTORS)
+        self.clamp_max = validate.number("merge.clamp_max", clamp_max)
+        self.clamp_min = validate.number("merge.clamp_min", clamp_min, le=self.clamp_max)
+        self.init = validate.number("merge.init", init, ge=self.clamp_min, le=self.clamp_max)
+        self.lr = validate.number("merge.lr", lr, gt=0)
+        self.betas = validate.betas("merge.betas", betas)
+        self.steps = validate.integer("merge.steps", steps)
+        self.batch_size = validate.integer("merge.batch_size", batch_size)
+        self.ties_k = validate.fraction("merge.ties_k", ties_k, open_low=True)
+        self.ties_scope = ties_scope  # checked by ties_task_vectors, which owns the scopes
+        self.seed = validate.integer("merge.seed", seed, minimum=None, optional=True)
         self.save_coefficients, self.plot = bool(save_coefficients), bool(plot)
         # Filled by fit(): what was learned, for reports and tests.
         self.coefficients_: Tensor | None = None

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge.adamerging.objective import mean_entropy
 from mergelab.merge.adamerging.vectors import TaskVectors
@@ -50,17 +51,16 @@ class AdaMergingModule(L.LightningModule):
         betas: Sequence[float] = (0.9, 0.999),
     ):
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         missing = [t for t in vectors.tasks if t not in heads]
         if missing:
             raise ConfigError(f"no classification head for task {missing[0]!r}")
         self.encoder = encoder.requires_grad_(False)
         self.heads = nn.ModuleDict({t: heads[t] for t in vectors.tasks}).requires_grad_(False)
         self.tasks = list(vectors.tasks)
-        self.granularity = granularity
-        self.clamp_min, self.clamp_max = float(clamp_min), float(clamp_max)
-        self.lr, self.betas = float(lr), tuple(float(b) for b in betas)
+        self.granularity = validate.choice("granularity", granularity, GRANULARITIES)
+        self.clamp_max = validate.number("clamp_max", clamp_max)
+        self.clamp_min = validate.number("clamp_min", clamp_min, le=self.clamp_max)
+        self.lr, self.betas = validate.number("lr", lr, gt=0), validate.betas("betas", betas)
         n_cols = 1 if granularity == "task" else len(vectors.keys)
         self.coefficients = nn.Parameter(torch.full((len(self.tasks), n_cols), float(init)))
         # Not a buffer: a registered buffer would be broadcast by DDP on every forward and
