@@ -308,6 +308,8 @@ class _Pass(L.LightningModule):
         super().__init__()
         self._step = step
         self.held = nn.ModuleDict(dict(modules))
+        # fewer batches than processes leaves some with none: they just measure nothing
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch)

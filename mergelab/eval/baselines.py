@@ -43,14 +43,17 @@ def baselines(
     pool: ModelPool, ctx: RunContext, cache_dir: str | Path
 ) -> dict[str, dict[str, float]]:
     """``{"pretrained": {task: acc}, "experts": {task: acc of θt on task t}}``, cached per task;
-    a task's cached row is reused only while its fingerprint is unchanged."""
+    a task's cached row is reused only while its fingerprint is unchanged. Under DDP rank 0
+    reads and writes the cache; every process evaluates the missing rows together."""
     key = normalized(baseline_key(pool, ctx))
     path = baseline_cache_path(pool, cache_dir, ctx)
     cached: dict[str, Any] = {"key": key, "tasks": {}}
-    if path.exists():
+    if ctx.is_global_zero and path.exists():
         old = json.loads(path.read_text())
         if old.get("key") == key:  # else a hash collision or an old format: start over
             cached = old
+    # Rank 0's reading decides what every process evaluates (evaluation is collective).
+    cached = ctx.engine.broadcast(cached)
     prints = {t: normalized(task_fingerprint(pool, t)) for t in pool.tasks}
     todo = [t for t in pool.tasks if cached["tasks"].get(t, {}).get("fingerprint") != prints[t]]
     if todo:
@@ -69,7 +72,8 @@ def baselines(
                 "pretrained": pretrained[t],
                 "expert": expert,
             }
-        atomic_write(path, json.dumps(cached, indent=2))
+        if ctx.is_global_zero:
+            atomic_write(path, json.dumps(cached, indent=2))
     rows = cached["tasks"]
     return {
         "pretrained": {t: rows[t]["pretrained"] for t in pool.tasks},

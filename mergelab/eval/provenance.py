@@ -84,19 +84,9 @@ def runtime(ctx: RunContext) -> dict[str, Any]:
         "world_size": None,
         "torch_threads": torch.get_num_threads(),
     }
-    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
     try:
-        import lightning as L
-
-        trainer = L.Trainer(
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            **{k: tr[k] for k in keys if k in tr},
-        )
-        out["world_size"] = int(trainer.world_size)
-        out["precision"] = str(trainer.precision)
+        out["world_size"] = ctx.engine.world_size
+        out["precision"] = ctx.engine.precision
     except Exception as e:  # noqa: BLE001 — provenance must never fail a run
         log.debug("could not resolve the trainer config: %s", e)
         devices, nodes = out["devices"], out["num_nodes"]
