@@ -4,18 +4,18 @@ Trainer and returns θ(λ*) as a state dict."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from mergelab import validate
 from mergelab.errors import ConfigError
 from mergelab.merge.adamerging import outputs
-from mergelab.merge.adamerging.data import TaskBatches
-from mergelab.merge.adamerging.module import EVAL_MODE_WARNING, GRANULARITIES, AdaMergingModule
+from mergelab.merge.adamerging.data import StepImages, task_streams
+from mergelab.merge.adamerging.module import GRANULARITIES, AdaMergingModule
 from mergelab.merge.adamerging.vectors import TaskVectors, plain_task_vectors, ties_vectors
 from mergelab.merge.base import AdaptiveMerge, StateDict
 
@@ -118,17 +118,20 @@ class AdaMerging(AdaptiveMerge):
     # -- the AdaptiveMerge contract -------------------------------------------------------
 
     def fit(self, pool, ctx) -> StateDict:
-        """Learn λ on the pool's unlabeled test splits with ``ctx.make_trainer``, save the
+        """Learn λ on the pool's unlabeled test splits with the run's engine (``ctx.engine.fit``), save the
         coefficients (json + heatmap) to ``ctx.out_dir`` and return θ(λ*) as a CPU state dict
         with the pretrained checkpoint's keys and dtypes (integer buffers stay θ0)."""
         module = self.build_module(pool)
         seed = self.seed if self.seed is not None else ctx.seed
-        data = TaskBatches(pool.test_sets, module.tasks, self.batch_size, ctx.num_workers, seed)
-        trainer = ctx.make_trainer(max_steps=self.steps)
-        with warnings.catch_warnings():
-            # The encoder and heads are kept in eval mode on purpose (see AdaMergingModule.train).
-            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
-            trainer.fit(module, datamodule=data)
+        sizes = {t: len(pool.test_sets[t]) for t in module.tasks}
+        schedule = task_streams(sizes, self.steps, self.batch_size, seed)
+        engine = ctx.engine
+        steps = StepImages(pool.test_sets, schedule, engine.global_rank, engine.world_size)
+        engine.fit(
+            module,
+            DataLoader(steps, batch_size=None, num_workers=ctx.num_workers),
+            max_steps=self.steps,
+        )
 
         with torch.no_grad():
             merged = module.merged_params()
@@ -144,7 +147,7 @@ class AdaMerging(AdaptiveMerge):
             base = pool.pretrained[key]
             out[key] = merged[key].detach().to("cpu", base.dtype) if key in merged else base.clone()
 
-        if trainer.is_global_zero:
+        if engine.is_global_zero:
             out_dir = Path(ctx.out_dir)
             if self.save_coefficients:
                 outputs.save_json(out_dir / outputs.COEFFICIENTS_JSON, self, lam, raw)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mergelab import validate
+from mergelab.engine import loss_scale
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge.adamerging.objective import mean_entropy
 from mergelab.merge.adamerging.vectors import TaskVectors
@@ -66,7 +67,8 @@ class AdaMergingModule(L.LightningModule):
         # Not a buffer: a registered buffer would be broadcast by DDP on every forward and
         # written into every checkpoint. It follows the module in _apply() below instead.
         self._vectors = vectors
-        self.entropy_history: list[Tensor] = []
+        self.entropy_history: list[float] = []
+        self._history: list[Tensor] = []  # this process's scaled loss share per step
         names = dict(self.encoder.named_parameters())
         names.update(dict(self.encoder.named_buffers()))
         unknown = [k for k in vectors.keys if k not in names]
@@ -126,16 +128,21 @@ class AdaMergingModule(L.LightningModule):
         return out
 
     def entropy_loss(self, batch: Mapping[str, Any]) -> Tensor:
-        """Σt mean entropy of task t's head on its batch, all tasks through ONE θ(λ).
+        """Σt mean entropy of task t's head on its batch (``batch``: task → images, any subset
+        of the tasks), all tasks through ONE θ(λ).
 
         All tasks' images go through the encoder as one concatenated batch (same weights, one
         pass); features are split back per task for the task's own head.
         """
-        images = [self._images(batch[t]) for t in self.tasks]
+        tasks = [t for t in self.tasks if t in batch]
+        images = [self._images(batch[t]) for t in tasks]
+        # λ joins the graph even without images, so every process has a gradient to reduce
+        loss = self.coefficients.sum() * 0.0
+        if not tasks:
+            return loss
         params = self.merged_params()
         feats = functional_call(self.encoder, params, (torch.cat(images),))
-        loss = feats.new_zeros((), dtype=torch.float32)
-        for task, f in zip(self.tasks, feats.split([len(x) for x in images])):
+        for task, f in zip(tasks, feats.split([len(x) for x in images])):
             loss = loss + mean_entropy(self.heads[task](f))
         return loss
 
@@ -145,11 +152,24 @@ class AdaMergingModule(L.LightningModule):
         return item[0] if isinstance(item, (tuple, list)) else item
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """One AdaMerging step: the summed per-task mean entropy at the current λ."""
-        loss = self.entropy_loss(batch)
-        self.entropy_history.append(loss.detach())
-        self.log("adamerging/entropy", loss, prog_bar=True, batch_size=1)
+        """One AdaMerging step on this process's share of the step (a
+        :class:`~.data.StepImages` item): the summed per-task mean entropy at the current λ,
+        scaled so that DDP's gradient average is the single-device gradient."""
+        tasks = batch["tasks"]
+        local = max((len(x) for x in tasks.values()), default=0)
+        loss = self.entropy_loss(tasks) * loss_scale(
+            local, int(batch["rows"]), self.trainer.world_size
+        )
+        self._history.append(loss.detach())
+        if self.loggers:
+            self.log("adamerging/entropy", loss, prog_bar=True, batch_size=1)
         return loss
+
+    def on_train_end(self) -> None:
+        """The single-device entropy of every step: the processes' scaled shares, summed."""
+        if self._history:
+            total = self.trainer.strategy.reduce(torch.stack(self._history).double(), "sum")
+            self.entropy_history = (total / self.trainer.world_size).cpu().tolist()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on λ only (the paper's optimiser; lr and betas from the config)."""
