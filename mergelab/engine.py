@@ -344,9 +344,12 @@ class TaskBatches(Dataset):
         task, rows, idx = self.items[k]
         samples = [self.datasets[task][int(i)] for i in idx]
         out: dict[str, Any] = {"task": task, "rows": rows, "index": idx}
-        if isinstance(samples[0], (tuple, list)):
+        first = samples[0]
+        if not isinstance(first, (tuple, list)):
+            out["images"] = default_collate(samples)
+        elif len(first) == 1:  # an images-only dataset (e.g. a 1-tensor TensorDataset)
+            out["images"] = default_collate([s[0] for s in samples])
+        else:
             images, labels = default_collate([(s[0], s[1]) for s in samples])
             out["images"], out["label"] = images, torch.as_tensor(labels, dtype=torch.long)
-        else:
-            out["images"] = default_collate(samples)
         return out

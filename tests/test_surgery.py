@@ -270,7 +270,7 @@ def test_online_mode_sees_each_sample_once(pool, tmp_path, kind):
     assert model.online_counts == {t: n for t in pool.tasks}  # batch_size/steps ignored
     assert len(model.loss_history) == n  # all_tasks: one sample of every task per step
     assert set(model.online_accuracy) == set(pool.tasks)
-    assert all(0.0 <= a <= 1.0 for a in model.online_accuracy.values())
+    assert all(0.0 <= a <= 100.0 for a in model.online_accuracy.values())  # in %
 
 
 def test_online_v1_adapts_then_predicts(pool, tmp_path):
@@ -296,7 +296,7 @@ def test_online_v1_adapts_then_predicts(pool, tmp_path):
         with torch.no_grad():
             hits[t] += int((ref.heads[t](ref.adapters[t][FINAL_SITE](f)).argmax(-1) == y).sum())
     n = len(pool.test_sets["task0"])
-    assert got.online_accuracy == pytest.approx({t: hits[t] / n for t in pool.tasks})
+    assert got.online_accuracy == pytest.approx({t: 100.0 * hits[t] / n for t in pool.tasks})
     for k, v in got.adapters.state_dict().items():
         assert torch.allclose(v, ref.adapters.state_dict()[k], atol=1e-5), k
 

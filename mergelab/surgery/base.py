@@ -72,7 +72,7 @@ class AdapterSurgery(Surgery):
         sampling: ``all_tasks`` (one batch of every task per step, losses summed: the
             authors' loop) or ``round_robin`` (one task per step, cycling).
         online: adapt-then-predict on a single pass over the test data, batch size 1; the
-            returned model carries ``online_accuracy`` and ``online_counts`` per task.
+            returned model carries ``online_accuracy`` (%) and ``online_counts`` per task.
         cache: compute fixed targets once (v1: merged and expert final features; v2: the
             experts' per-block token means and final features) over the drawn test indices;
             ``false`` runs the reference loop that re-runs the expert (and merged model)

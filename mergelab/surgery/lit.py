@@ -276,6 +276,7 @@ class SurgeryLit(L.LightningModule):
         return [float(x) for x in self.history]
 
     def online_results(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Per task: the online accuracy in % (as evaluation reports it) and samples seen."""
         seen = {t: n for t, (_, n) in self.counts.items() if n}
-        acc = {t: self.counts[t][0] / n for t, n in seen.items()}
+        acc = {t: 100.0 * self.counts[t][0] / n for t, n in seen.items()}
         return acc, seen

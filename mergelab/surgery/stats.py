@@ -32,6 +32,7 @@ from mergelab.errors import CheckpointError, ConfigError
 from mergelab.pool.base import ModelPool, MultiTaskModel
 from mergelab.surgery.base import Surgery
 from mergelab.surgery.correction.calibrate import (
+    GroupData,
     calibrate,
     expert_statistics,
     replayable,
@@ -39,7 +40,7 @@ from mergelab.surgery.correction.calibrate import (
 from mergelab.surgery.correction.io import load_stats, save_stats
 from mergelab.surgery.correction.model import CorrectedModel
 from mergelab.surgery.correction.sites import PAPER_SITES, check_kinds, discover_sites, trace_sites
-from mergelab.surgery.unlabeled import unlabeled_loader
+from mergelab.surgery.unlabeled import unlabeled_indices, unlabeled_loader  # noqa: F401 (re-export)
 
 
 class StatsSurgery(Surgery):
@@ -115,31 +116,36 @@ class StatsSurgery(Surgery):
                 )
             if len(pool.test_sets[t]) == 0:
                 raise ConfigError(f"{self.name} surgery: the test split of task {t!r} is empty")
-        loaders = {
-            t: unlabeled_loader(
-                pool.test_sets[t], self.num_samples, self.batch_size, self.seed, ctx.num_workers
+        parts = {
+            t: (
+                pool.test_sets[t],
+                unlabeled_indices(len(pool.test_sets[t]), self.num_samples, self.seed),
             )
             for t in model.tasks
         }
-        with _measuring(model, ctx.device) as device, torch.no_grad():
+        with _measuring(model), torch.no_grad():
+            # Structure probes on one batch where the model is (which sites run, in which
+            # order, at which width; whether blocks form a chain), not measuring passes.
             task0 = model.tasks[0]
-            probe = next(iter(loaders[task0])).to(device)
+            ds0, idx0 = parts[task0]
+            probe = torch.stack([_image(ds0[int(i)]) for i in idx0[: self.batch_size]])
+            probe = probe.to(_param_device(model))
             sites, channels = trace_sites(
                 model.encoder,
                 discover_sites(model.encoder, self.sites),
                 partial(model.features, probe, task0),
             )
-            out = CorrectedModel(model, sites, channels, self.eps, group_of).to(device)
+            out = CorrectedModel(model, sites, channels, self.eps, group_of)
             replay = self.replay and replayable(out, probe, task0)
             for group, members in groups.items():
-                parts = [(t, loaders[t]) for t in members]
+                data = GroupData({t: parts[t] for t in members}, self.batch_size, ctx.num_workers)
                 experts = [partial(pool.expert_encoder, t) for t in members]
-                targets = expert_statistics(experts, sites, parts, device, self.eps)
-                calibrate(out, group, parts, targets, device, replay)
+                targets = expert_statistics(experts, sites, channels, data, ctx.engine, self.eps)
+                calibrate(out, group, data, targets, ctx.engine, replay)
         out.to(_param_device(model))
         out.training = model.training  # the shared modules keep their own modes
         out.corrections.train(model.training)
-        if self.save_stats:
+        if self.save_stats and ctx.is_global_zero:
             save_stats(
                 out,
                 Path(ctx.out_dir) / self.stats_file,
@@ -153,18 +159,22 @@ class StatsSurgery(Surgery):
 
 
 @contextmanager
-def _measuring(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
-    """``model`` in eval mode on ``device`` for the block; afterwards (even after an error)
-    back on its device with every submodule in the mode it had."""
+def _measuring(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block; afterwards (even after an error) back on its
+    device (the engine's passes move it) with every submodule in the mode it had."""
     modes = {m: m.training for m in model.modules()}
     home = _param_device(model)
-    model.eval().to(device)
+    model.eval()
     try:
-        yield device
+        yield
     finally:
         model.to(home)
         for m, mode in modes.items():
             m.training = mode
+
+
+def _image(item) -> torch.Tensor:
+    return torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
 
 
 def _param_device(model: nn.Module) -> torch.device:

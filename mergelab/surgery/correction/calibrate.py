@@ -15,28 +15,42 @@ variance + eps) on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
+from mergelab.engine import Engine, TaskBatches
 from mergelab.errors import ConfigError
 from mergelab.pool.base import MultiTaskModel
 from mergelab.surgery.blocks import block_tensor, discover_blocks
 from mergelab.surgery.correction.model import CorrectedModel
 from mergelab.surgery.correction.sites import Site
 
-# The data of one statistics group: (task, loader of that task's unlabeled images) pairs. The
-# task says how the merged model routes the batch; moments pool over every part.
-Parts = Sequence[tuple[str, DataLoader]]
+
+@dataclass
+class GroupData:
+    """The data of one statistics group: task → (test split, indices of its unlabeled images),
+    read in ``batch_size`` batches. The task says how the merged model routes its batches;
+    moments pool over every part."""
+
+    parts: Mapping[str, tuple[Dataset, Tensor]]
+    batch_size: int
+    num_workers: int = 0
+
+    def batches(self) -> TaskBatches:
+        return TaskBatches(self.parts, self.batch_size)
 
 
 class Moments:
     """Running per-channel mean and std over every leading dim (tokens and images), in float64
-    so that sums over ~10^7 activations stay exact enough for a tight match."""
+    so that sums over ~10^7 activations stay exact enough for a tight match. Under DDP each
+    process sums its share; :meth:`finish` adds the shares up."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
+        self.channels = int(channels)
         self.n = 0
         self.sum: Tensor | None = None
         self.sumsq: Tensor | None = None
@@ -48,10 +62,20 @@ class Moments:
         self.sumsq = ss if self.sumsq is None else self.sumsq + ss
         self.n += x.shape[0]
 
-    def finish(self, eps: float) -> tuple[Tensor, Tensor]:
-        """(mean, √(population variance + eps)), float64."""
-        mean = self.sum / self.n
-        var = (self.sumsq / self.n - mean * mean).clamp_min(0.0)
+    def finish(self, eps: float, engine: Engine | None = None) -> tuple[Tensor, Tensor]:
+        """(mean, √(population variance + eps)), float64 on the CPU, over every process's
+        share when ``engine`` runs several."""
+        zero = torch.zeros(self.channels, dtype=torch.float64)
+        local = torch.stack(
+            [
+                zero if self.sum is None else self.sum.cpu(),
+                zero if self.sumsq is None else self.sumsq.cpu(),
+                torch.full_like(zero, float(self.n)),
+            ]
+        )
+        total = engine.sum(local) if engine is not None else local
+        mean = total[0] / total[2]
+        var = (total[1] / total[2] - mean * mean).clamp_min(0.0)
         return mean, (var + eps).sqrt()
 
 
@@ -81,30 +105,34 @@ def _capture(moments: Moments, stop: bool = False, keep: list[Tensor] | None = N
 def expert_statistics(
     experts: Sequence[Callable[[], nn.Module]],
     sites: Sequence[Site],
-    parts: Parts,
-    device: torch.device,
+    channels: Sequence[int],
+    data: GroupData,
+    engine: Engine,
     eps: float,
 ) -> list[tuple[Tensor, Tensor]]:
     """Per site, the mean over ``experts`` (builders, so one expert is in memory at a time) of
-    each expert's per-channel (μ, σ) on all of ``parts``' images: one pass per expert, every
-    site at once (an expert is never corrected)."""
+    each expert's per-channel (μ, σ) on all of ``data``'s images: one measuring pass per
+    expert, every site at once (an expert is never corrected)."""
     total: list[tuple[Tensor, Tensor]] | None = None
     for build in experts:
-        expert = build().to(device)
-        moments = [Moments() for _ in sites]
+        expert = build()
+        moments = [Moments(c) for c in channels]
         handles = [
             expert.get_submodule(s.name).register_forward_hook(_capture(m))
             for s, m in zip(sites, moments)
         ]
         try:
-            for _, loader in parts:
-                for x in loader:
-                    expert(x.to(device))
+            engine.run(
+                lambda batch, expert=expert: expert(batch["images"]),
+                {"expert": expert},
+                data.batches(),
+                data.num_workers,
+            )
         finally:
             for h in handles:
                 h.remove()
         del expert
-        stats = [m.finish(eps) for m in moments]
+        stats = [m.finish(eps, engine) for m in moments]
         total = stats if total is None else [(a + m, b + s) for (a, b), (m, s) in zip(total, stats)]
     return [(m / len(experts), s / len(experts)) for m, s in total]
 
@@ -113,27 +141,27 @@ def expert_statistics(
 def calibrate(
     model: CorrectedModel,
     group: str,
-    parts: Parts,
+    data: GroupData,
     targets: Sequence[tuple[Tensor, Tensor]],
-    device: torch.device,
+    engine: Engine,
     replay: bool,
 ) -> None:
     """Measure ``group``'s merged statistics site by site in forward order, each with the
     corrections of the earlier sites applied, and store them with the ``targets`` (one
     (μ, σ) pair per site). The group starts from the identity; site i and later stay the
-    identity until site i is measured.
+    identity until site i is measured. Every measurement is a pass of ``engine``.
 
     ``replay`` (see :func:`replayable`): cache every batch's input to block 0 and re-run one
     block at a time, O(depth) block calls, instead of one forward pass per site, O(depth²).
     Same statistics."""
-    strays = [t for t, _ in parts if model.group_of.get(t) != group]
+    strays = [t for t in data.parts if model.group_of.get(t) != group]
     if strays:
         raise ConfigError(f"task(s) {strays} are not in statistics group {group!r}")
     model.reset_group(group)
     if replay:
-        _by_replay(model, group, parts, targets, device)
+        _by_replay(model, group, data, targets, engine)
     else:
-        _by_forward(model, group, parts, targets, device)
+        _by_forward(model, group, data, targets, engine)
 
 
 def _store(model: CorrectedModel, group: str, i: int, merged, target) -> None:
@@ -141,39 +169,46 @@ def _store(model: CorrectedModel, group: str, i: int, merged, target) -> None:
     model.set_stats(group, i, mu_merged=mu, sigma_merged=sd, mu_expert=mu_e, sigma_expert=sd_e)
 
 
-def _by_forward(model: CorrectedModel, group: str, parts: Parts, targets, device) -> None:
+def _by_forward(model: CorrectedModel, group: str, data: GroupData, targets, engine) -> None:
     """One routed forward pass per site, stopped at the site."""
     for i, site in enumerate(model.sites):
-        m = Moments()
+        m = Moments(targets[i][0].numel())
         h = model.encoder.get_submodule(site.name).register_forward_hook(_capture(m, stop=True))
         try:
-            for task, loader in parts:
-                for x in loader:
-                    _until_stop(model.features, x.to(device), task)
+            engine.run(
+                lambda batch: _until_stop(model.features, batch["images"], batch["task"]),
+                {"model": model},
+                data.batches(),
+                data.num_workers,
+            )
         finally:
             h.remove()
-        _store(model, group, i, m.finish(model.eps), targets[i])
+        _store(model, group, i, m.finish(model.eps, engine), targets[i])
 
 
-def _by_replay(model: CorrectedModel, group: str, parts: Parts, targets, device) -> None:
+def _by_replay(model: CorrectedModel, group: str, data: GroupData, targets, engine) -> None:
     """Per block, re-run only that block on its cached inputs, once per site of the block
     (stopped at the site). The next block's inputs are this block's corrected outputs: from
     the ``block`` site's pass when there is one (so block-only surgery calls each block
-    once), else from one more fully corrected pass."""
+    once), else from one more fully corrected pass. Each process replays the batches it
+    measured (the passes over cached inputs are not sharded again)."""
     blocks = discover_blocks(model.encoder).modules
     inputs: list[tuple[str, tuple, dict]] = []  # (task, args, kwargs) of block 0, per batch
-    for task, loader in parts:
+    task_now: list[str] = []
 
-        def grab(module, args, kwargs, task=task):
-            inputs.append((task, args, kwargs))
-            raise _Stop
+    def grab(module, args, kwargs):
+        inputs.append((task_now[0], args, kwargs))
+        raise _Stop
 
-        h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            for x in loader:
-                _until_stop(model.features, x.to(device), task)
-        finally:
-            h.remove()
+    def first(batch) -> None:
+        task_now[:] = [batch["task"]]
+        _until_stop(model.features, batch["images"], batch["task"])
+
+    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        engine.run(first, {"model": model}, data.batches(), data.num_workers)
+    finally:
+        h.remove()
 
     g = model.group_index(group)
     for b, block in enumerate(blocks):
@@ -181,27 +216,35 @@ def _by_replay(model: CorrectedModel, group: str, parts: Parts, targets, device)
         for i, site in enumerate(model.sites):
             if site.block != b:
                 continue
-            m = Moments()
+            m = Moments(targets[i][0].numel())
             keep: list[Tensor] | None = [] if site.kind == "block" else None
             h = model.encoder.get_submodule(site.name).register_forward_hook(
                 _capture(m, stop=True, keep=keep)
             )
+
+            def rerun(item, block=block) -> None:
+                task, args, kwargs = item
+                with model.route(task):
+                    _until_stop(block, *args, **kwargs)
+
             try:
-                for task, args, kwargs in inputs:
-                    with model.route(task):
-                        _until_stop(block, *args, **kwargs)
+                engine.run(rerun, {"model": model}, inputs, shard=False)
             finally:
                 h.remove()
-            _store(model, group, i, m.finish(model.eps), targets[i])
+            _store(model, group, i, m.finish(model.eps, engine), targets[i])
             if keep is not None:
                 # the block's own output (its last site), corrected as its hook will at inference
                 outputs = [model.corrections[i](y, g) for y in keep]
         if b + 1 < len(blocks):
             if outputs is None:
                 outputs = []
-                for task, args, kwargs in inputs:
+
+                def corrected(item, block=block, outputs=outputs) -> None:
+                    task, args, kwargs = item
                     with model.route(task):
                         outputs.append(block_tensor(block(*args, **kwargs)))
+
+                engine.run(corrected, {"model": model}, inputs, shard=False)
             inputs = [(t, (y, *a[1:]), kw) for y, (t, a, kw) in zip(outputs, inputs)]
 
 
