@@ -1,4 +1,6 @@
-"""The expert-by-expert accumulation shared by the data-driven merges (RegMean, Fisher).
+"""The expert-by-expert accumulation shared by the data-driven merges (RegMean, Fisher):
+:func:`predict_pass` (one statistics pass through a Lightning Trainer) and
+:class:`ExpertAccumulator` (the merged state dict, one expert at a time).
 
 Both methods load one expert, compute a per-parameter statistic on its task's data (a Gram
 matrix, a diagonal Fisher), fold that expert into running sums and drop it before the next,
@@ -9,7 +11,10 @@ plain mean of the experts; integer buffers must equal θ0's and are kept.
 
 from __future__ import annotations
 
+import gc
+import warnings
 from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -17,6 +22,37 @@ from torch import Tensor
 from mergelab.errors import CheckpointError
 
 StateDict = dict[str, Tensor]
+T = TypeVar("T")
+
+_EVAL_MODE_WARNING = r".*module\(s\) in eval mode.*"
+# predict_step returns nothing on purpose: the statistics accumulate inside the module
+_NO_PREDICTIONS_WARNING = r".*predict returned None.*"
+
+
+def predict_pass(
+    make_module: Callable[[], Any],
+    loader,
+    ctx,
+    extract: Callable[[Any], T],
+    **trainer_kwargs: Any,
+) -> T:
+    """Run ``trainer.predict`` (the run context's Trainer, no logger) of the LightningModule
+    ``make_module()`` over ``loader`` and return ``extract(module)``.
+
+    The Trainer and the module refer to each other (trainer → strategy → module → trainer),
+    so reference counting never frees them, nor the expert encoder the module holds; the
+    collection here frees that expert before the caller loads the next one ("one expert in
+    memory at a time" would otherwise hold until the cyclic collector happened to run)."""
+    module = make_module()
+    trainer = ctx.make_trainer(logger=False, **trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING)
+        warnings.filterwarnings("ignore", message=_NO_PREDICTIONS_WARNING)
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    out = extract(module)
+    del module, trainer
+    gc.collect()
+    return out
 
 
 class ExpertAccumulator:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 
 import lightning as L
@@ -46,16 +45,13 @@ from torch import Tensor, nn
 
 from mergelab import validate
 from mergelab.errors import ConfigError
-from mergelab.merge.accumulate import ExpertAccumulator
+from mergelab.merge.accumulate import ExpertAccumulator, predict_pass
 from mergelab.merge.base import AdaptiveMerge, StateDict, check_experts
 from mergelab.surgery.unlabeled import unlabeled_loader
 
 log = logging.getLogger(__name__)
 
 ESTIMATORS = ("exact", "sample")
-_EVAL_MODE_WARNING = r".*module\(s\) in eval mode.*"
-# predict_step returns nothing on purpose: the statistics accumulate inside the module
-_NO_PREDICTIONS_WARNING = r".*predict returned None.*"
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,13 +170,15 @@ def compute_fisher(
     """The diagonal Fisher of ``head(encoder(·))`` on ``loader``'s unlabeled images with the
     model's own predictive distribution (see the module docstring), computed by
     ``trainer.predict`` with the run context's Trainer."""
-    module = FisherCollector(encoder, head, estimator, samples_per_example, grad_memory_mb, seed)
-    trainer = ctx.make_trainer(logger=False, inference_mode=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING)
-        warnings.filterwarnings("ignore", message=_NO_PREDICTIONS_WARNING)
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
-    return module.fisher()
+    return predict_pass(
+        lambda: FisherCollector(
+            encoder, head, estimator, samples_per_example, grad_memory_mb, seed
+        ),
+        loader,
+        ctx,
+        FisherCollector.fisher,
+        inference_mode=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,16 +44,13 @@ from torch import Tensor, nn
 
 from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
-from mergelab.merge.accumulate import ExpertAccumulator
+from mergelab.merge.accumulate import ExpertAccumulator, predict_pass
 from mergelab.merge.base import AdaptiveMerge, StateDict, check_experts
 from mergelab.surgery.unlabeled import unlabeled_loader
 
 log = logging.getLogger(__name__)
 
 OUTPUT_PROJECTIONS = ("regmean", "average")
-_EVAL_MODE_WARNING = r".*module\(s\) in eval mode.*"
-# predict_step returns nothing on purpose: the statistics accumulate inside the module
-_NO_PREDICTIONS_WARNING = r".*predict returned None.*"
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,13 +262,7 @@ def collect_grams(
 ) -> dict[str, Tensor]:
     """Gram matrix Gt (mean of xᵀx over input rows) of every site's input on ``loader``'s
     images, computed by ``trainer.predict`` with the run context's Trainer."""
-    module = GramCollector(encoder, sites)
-    trainer = ctx.make_trainer(logger=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_EVAL_MODE_WARNING)
-        warnings.filterwarnings("ignore", message=_NO_PREDICTIONS_WARNING)
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
-    return module.grams()
+    return predict_pass(lambda: GramCollector(encoder, sites), loader, ctx, GramCollector.grams)
 
 
 # --------------------------------------------------------------------------------------------
