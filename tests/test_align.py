@@ -25,8 +25,8 @@ from mergelab.align.activation_matching import (
     correlations,
 )
 from mergelab.align.archs import spec_for
-from mergelab.align.base import weight_cosine
-from mergelab.align.weight_matching import WeightMatching, weight_matching
+from mergelab.align.base import procrustes, rotate_head, weight_cosine
+from mergelab.align.weight_matching import WeightMatching, embedding_rotation, weight_matching
 from mergelab.context import RunContext
 from mergelab.errors import ConfigError
 from mergelab.pool.base import ModelPool
@@ -311,3 +311,131 @@ def test_activation_matching_runs_in_the_pipeline(tiny_cache, tmp_path):
     assert rep["method"] == "activation_matching" and set(rep["models"]) == set(cfg.tasks.names)
     # experts sit next to θ0: matched activations correlate more than identity ones
     assert rep["mean_activation_corr_after"] >= rep["mean_activation_corr_before"] > 0.5
+
+
+# ------------------------------------------------------------------ embedding rotation
+def rotated_pool(seed: int = 0) -> tuple[ModelPool, dict]:
+    """Foundation b IS foundation a with its residual channels, heads and MLP units permuted
+    AND its output embedding rotated by a random orthogonal R; b's experts and b's tasks'
+    (linear, cosine) heads are transformed the same way — every expert computes exactly what
+    it computed before. Aligned with the embedding rotation, everything must come back."""
+    pool, want = _nonlocal_pool(seed)
+    spec = spec_for(vit(0))
+    P = spec.random(torch.Generator().manual_seed(seed + 11), rotate=True)  # as _nonlocal_pool's
+    R = P.embedding
+    experts = {
+        t: (spec.apply(want["unperm"][t], P) if pool.expert_base[t] == "b" else want["unperm"][t])
+        for t in pool.tasks
+    }
+    heads = {
+        t: ClassificationHead((h.weight.double() @ R).float()) if pool.expert_base[t] == "b" else h
+        for t, h in pool.heads.items()
+    }
+    theta_b = spec.apply(want["theta_a"], P)
+    pool = dataclasses.replace(
+        pool, experts=experts, heads=heads, bases={"a": want["theta_a"], "b": theta_b}
+    )
+    return pool, {**want, "heads": {t: ClassificationHead(h.weight) for t, h in pool.heads.items()}}
+
+
+def expert_logits(pool: ModelPool, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {t: pool.heads[t](pool.expert_encoder(t)(x)) for t in pool.tasks}
+
+
+def test_rotating_the_embedding_with_the_head_never_changes_the_logits():
+    spec, sd = spec_for(vit(0)), vit(0).state_dict()
+    assert spec.embedding is not None and spec.embedding.dim == 16
+    P = spec.random(torch.Generator().manual_seed(2), rotate=True)
+    Q = P.embedding
+    torch.testing.assert_close(Q.T @ Q, torch.eye(16, dtype=Q.dtype), atol=1e-12, rtol=0)
+    assert P.moved()["embedding_rotation"] > 0.5  # a random rotation, far from I
+    head = ClassificationHead(torch.randn(5, 16))
+    x = images()
+    with torch.no_grad():
+        f, f_rot = vit(0)(x), loaded(spec.apply(sd, P))(x)
+        assert (f - f_rot).abs().max() > 0.1  # the embedding itself did move
+        torch.testing.assert_close(f_rot, f @ Q.float(), atol=1e-5, rtol=1e-4)
+        rot_head = rotate_head(head, Q)
+        torch.testing.assert_close(rot_head(f_rot), head(f), atol=1e-4, rtol=1e-4)
+    assert torch.equal(head.weight, ClassificationHead(head.weight).weight)  # input untouched
+
+
+def test_weight_matching_recovers_a_permuted_and_rotated_model():
+    spec, sd = spec_for(vit(0)), vit(0).state_dict()
+    P = spec.random(torch.Generator().manual_seed(3), rotate=True)
+    psd = spec.apply(sd, P)
+    Q, _ = weight_matching(spec, sd, psd, seed=1)
+    Q.embedding = embedding_rotation(spec, sd, psd, Q)
+    torch.testing.assert_close(Q.embedding, P.embedding.T, atol=1e-6, rtol=0)  # R⁻¹ = Rᵀ
+    back = spec.apply(psd, Q)
+    for k in sd:
+        torch.testing.assert_close(back[k], sd[k], atol=1e-6, rtol=1e-6)
+    assert weight_cosine(spec, sd, psd, Q) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_embedding_rotation_of_a_model_to_itself_is_the_identity():
+    spec, sd = spec_for(vit(2)), vit(2).state_dict()
+    Q = embedding_rotation(spec, sd, sd, spec.identity())
+    torch.testing.assert_close(Q, torch.eye(16, dtype=Q.dtype), atol=1e-10, rtol=0)
+
+
+def test_procrustes_matches_a_brute_force_check():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    R = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    Y = X @ R + 0.01 * torch.randn(40, 5, generator=g, dtype=torch.float64)
+    Q = procrustes(X, Y)
+    torch.testing.assert_close(Q @ Q.T, torch.eye(5, dtype=Q.dtype))
+    best = (X @ Q - Y).norm()
+    for _ in range(50):  # no other orthogonal matrix (random, or a small step from Q) does better
+        other = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+        A = torch.randn(5, 5, generator=g, dtype=torch.float64)
+        step = torch.linalg.matrix_exp(0.01 * (A - A.T))  # a rotation close to I
+        assert (X @ other - Y).norm() > best and (X @ Q @ step - Y).norm() >= best
+    torch.testing.assert_close(Q, R, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [WeightMatching(seed=3), ActivationMatching(num_samples=16, batch_size=8)],
+    ids=["weight_matching", "activation_matching"],
+)
+def test_nonlocal_pool_with_a_rotated_foundation_comes_back(method, tmp_path):
+    pool, want = rotated_pool()
+    x = images(8, 3)
+    before = expert_logits(pool, x)
+    new = method.align(pool, RunContext(tmp_path))
+    after = expert_logits(new, x)
+    for t in pool.tasks:  # every expert keeps its function (with its rotated head)
+        torch.testing.assert_close(after[t], before[t], atol=1e-4, rtol=1e-4)
+        for k, v in want["unperm"][t].items():  # and is the unpermuted, unrotated expert
+            torch.testing.assert_close(new.experts[t][k], v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(new.heads[t].weight, want["heads"][t].weight, atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+    for k, v in want["theta_a"].items():
+        torch.testing.assert_close(new.pretrained[k], v, atol=1e-5, rtol=1e-5)
+    assert new.heads["t0"] is pool.heads["t0"]  # the reference foundation's heads stay
+    rot = method.report["models"]["b"]["moved"]["embedding_rotation"]
+    assert rot > 0.5 and new.meta["align"]["embedding"] == "procrustes"
+
+
+def test_embedding_none_leaves_the_rotation_and_the_heads(tmp_path):
+    pool, want = rotated_pool()
+    new = WeightMatching(seed=3, embedding="none").align(pool, RunContext(tmp_path))
+    assert all(new.heads[t] is pool.heads[t] for t in pool.tasks)
+    assert "embedding_rotation" not in new.report["models"]["b"]["moved"]
+    e = spec_for(vit(0)).embedding.key
+    got, unrotated = new.experts["t1"], want["unperm"]["t1"]
+    # the permutations come back, the rotation (on proj's columns) stays
+    torch.testing.assert_close(got["ln_post.weight"], unrotated["ln_post.weight"])
+    assert (got[e] - unrotated[e]).abs().max() > 0.1
+
+
+def test_embedding_rotation_needs_linear_heads_and_an_embedding_tensor(tmp_path):
+    pool, _ = rotated_pool()
+    bad = dataclasses.replace(pool, heads={**pool.heads, "t1": nn.Sequential(nn.Linear(16, 3))})
+    with pytest.raises(ConfigError, match="heads? must be linear.*embedding=none"):
+        WeightMatching().align(bad, RunContext(tmp_path))
+    with pytest.raises(ConfigError, match="align.embedding must be one of procrustes, none"):
+        WeightMatching(embedding="rotate")

@@ -12,6 +12,13 @@ once, from the two unpermuted models — activations at a site do not depend on 
 layers are permuted. Heads use the same nested assignment as weight matching: per head
 pair the best within-head channel matching of q and k (shared) and of v, then the heads.
 
+Embedding rotation (``embedding: procrustes``, non-local pools; why: :mod:`mergelab.align.base`):
+in the same forward pass both models' output embeddings are read, normalised to unit length
+(what a cosine head sees), and Q is the orthogonal Procrustes solution of ``F_B Q ≈ F_A`` —
+from the uncentred cross-product ``F_Bᵀ F_A`` (a rotation about the origin is the symmetry,
+so the features are not centred). Permutations never change the output, so Q can be measured
+on the unpermuted models.
+
 The forward passes run through the run's Lightning Trainer (``trainer.predict``), so the
 user's device, precision and strategy apply; under DDP each process sees a shard and the
 moments are combined exactly across processes.
@@ -28,7 +35,7 @@ from torch import Tensor, nn
 
 from mergelab import validate
 from mergelab.align.assign import assign_heads, assign_units
-from mergelab.align.base import Alignment, weight_cosine
+from mergelab.align.base import Alignment, procrustes_cross, weight_cosine
 from mergelab.align.spec import WITHIN, Perms, PermutationSpec, Site
 from mergelab.context import RunContext
 from mergelab.errors import ConfigError
@@ -126,6 +133,8 @@ class _Collect(L.LightningModule):
             t = t @ params[site.weight][lo:hi].float().T
             if site.bias is not None:
                 t = t + params[site.bias][lo:hi].float()
+        if site.normalize:
+            t = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return t
 
 
@@ -152,10 +161,29 @@ def correlations(
     eps: float,
 ) -> dict[str, dict[str, list[Tensor]]]:
     """coordinate → part → one correlation matrix per site (reference × other, on CPU)."""
+    return _measure(spec, ref, other, loaders, ctx, eps, embedding=False)[0]
+
+
+EMBEDDING_SITE = Site("", "out", normalize=True)
+
+
+def _measure(
+    spec: PermutationSpec,
+    ref: nn.Module,
+    other: nn.Module,
+    loaders: list,
+    ctx: RunContext,
+    eps: float,
+    embedding: bool,
+) -> tuple[dict[str, dict[str, list[Tensor]]], Tensor | None, int]:
+    """:func:`correlations`, (``embedding``) the uncentred cross-product F_otherᵀ F_ref of
+    both models' unit-normalised output embeddings (d × d, float64, on CPU), and the number
+    of images seen — from one pass over the data."""
     flat = [
         (c, part, s) for c, parts in spec.sites.items() for part, ss in parts.items() for s in ss
     ]
-    module = _Collect(ref, other, [s for _, _, s in flat])
+    sites = [s for _, _, s in flat] + ([EMBEDDING_SITE] if embedding else [])
+    module = _Collect(ref, other, sites)
     trainer = ctx.make_trainer(logger=False)
     trainer.predict(module, dataloaders=loaders, return_predictions=False)
     if trainer.world_size > 1:
@@ -165,7 +193,11 @@ def correlations(
     out: dict[str, dict[str, list[Tensor]]] = {}
     for (c, part, _), m in zip(flat, module.moments):
         out.setdefault(c, {}).setdefault(part, []).append(m.corr(eps).cpu())
-    return out
+    cross, n = None, module.moments[-1].n if module.moments else 0
+    if embedding:
+        m = module.moments[-1]  # Σ a bᵀ = Σ (a − ā)(b − b̄)ᵀ + n ā b̄ᵀ
+        cross = (m.cab.double() + m.n * m.ma[:, None] * m.mb[None, :]).T.cpu()
+    return out, cross, n
 
 
 def _combine_across_processes(module: _Collect) -> None:
@@ -225,7 +257,10 @@ class ActivationMatching(Alignment):
     ``num_samples`` unlabeled images per task (drawn with ``seed``; the test split, as the
     merging papers use it for adaptation) are run through both models in batches of
     ``batch_size``; ``eps`` is added to the variances of the correlations; ``within_head``
-    also matches channels inside each attention head.
+    also matches channels inside each attention head. ``embedding``: ``procrustes`` also
+    rotates each foundation's output embedding onto the reference's, by Procrustes on the
+    unit-normalised embeddings of the same images (non-local pools; see the module
+    docstring), ``none`` does not.
 
     What is aligned: in a non-local pool, each foundation to the reference foundation on the
     images of every task (the foundations are generic models; each expert then takes its
@@ -242,8 +277,9 @@ class ActivationMatching(Alignment):
         within_head: bool = True,
         eps: float = 1e-6,
         seed: int = 0,
+        embedding: str = "procrustes",
     ):
-        super().__init__()
+        super().__init__(embedding)
         self.num_samples = validate.integer("align.num_samples", num_samples, minimum=2)
         self.batch_size = validate.integer("align.batch_size", batch_size)
         self.within_head = bool(within_head)
@@ -258,6 +294,7 @@ class ActivationMatching(Alignment):
         pool: ModelPool,
         ctx: RunContext,
         tasks: list[str],
+        rotate: bool = False,
     ) -> tuple[Perms, dict[str, Any]]:
         if not tasks:
             raise ConfigError("align: activation matching needs unlabeled data, the pool has none")
@@ -268,12 +305,19 @@ class ActivationMatching(Alignment):
             )  # fmt: skip
             for t in tasks
         ]
-        corr = correlations(
+        corr, cross, n = _measure(
             spec, pool.encoder(ref, "align reference"), pool.encoder(other, "align model"),
-            loaders, ctx, self.eps,
+            loaders, ctx, self.eps, embedding=rotate,
         )  # fmt: skip
         perms = activation_matching(spec, corr, self.within_head)
+        info: dict[str, Any] = {}
+        if rotate:
+            perms.embedding = procrustes_cross(cross)
+            # mean cosine between the two models' embeddings of an image: tr(Qᵀ F_Bᵀ F_A) / n
+            info["embedding_cos_before"] = float(cross.trace()) / n
+            info["embedding_cos_after"] = float((perms.embedding * cross).sum()) / n
         return perms, {
+            **info,
             "activation_corr_before": mean_matched_corr(spec, corr, spec.identity()),
             "activation_corr_after": mean_matched_corr(spec, corr, perms),
             "weight_cosine_before": weight_cosine(spec, ref, other, spec.identity()),

@@ -4,10 +4,13 @@ heads, MLP width), never hard-coded.
 - open_clip ``VisionTransformer`` (the CLIP benchmark and the embedded ViT): the residual
   stream permutation shared by every block, each block's attention heads (with within-head
   q/k and v permutations) and MLP hidden units.
+  Its output projection ``proj`` also carries the embedding-space rotation
+  (``PermutationSpec.embedding``).
 - Hugging Face CLIP vision towers (FusionBench's experts): heads and MLP units only. The
   residual stream stays fixed because the visual projection that reads it is a buffer
   outside the state dict (``mergelab.pool.hf.HFCLIPImageEncoder``), so no state-dict
-  permutation of the stream could keep the output features unchanged.
+  permutation of the stream could keep the output features unchanged — and for the same
+  reason no embedding rotation (``embedding=None``).
 
 Anything else — other encoders, open_clip's custom blocks (qk-norm, scaled heads),
 attentional pooling — is a ConfigError naming what was found: a spec that missed a tensor
@@ -21,7 +24,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mergelab.align.spec import Action, Concat, HeadGroup, Heads, PermutationSpec, Site, Units
+from mergelab.align.spec import (
+    Action,
+    Concat,
+    Embedding,
+    HeadGroup,
+    Heads,
+    PermutationSpec,
+    Site,
+    Units,
+)
 from mergelab.errors import ConfigError
 
 SUPPORTED = "open_clip VisionTransformer (standard ResidualAttentionBlocks) or a Hugging Face CLIP vision tower"
@@ -145,7 +157,10 @@ def _openclip_spec(vit: nn.Module, p: str) -> PermutationSpec:
 
     state = vit.state_dict()
     axes = {k: v for k, v in axes.items() if k[len(p) :] in state}
-    return PermutationSpec("open_clip VisionTransformer", units, heads, axes, sites)
+    # features = ln_post(x_cls) @ proj: proj's columns write the output embedding, the axis an
+    # embedding rotation acts on (mergelab.align.spec, "the output embedding space")
+    embedding = Embedding(f"{p}proj", 1, int(state["proj"].shape[1]))
+    return PermutationSpec("open_clip VisionTransformer", units, heads, axes, sites, embedding)
 
 
 # ------------------------------------------------------------------ Hugging Face CLIP

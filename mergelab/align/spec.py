@@ -17,6 +17,14 @@ lists, for every tensor of a backbone's state dict, the action on each of its ax
 A permutation is stored as an index: ``permuted[..., i, ...] = original[..., idx[i], ...]``
 (new unit i is old unit ``idx[i]``). Specs for concrete architectures are in
 :mod:`mergelab.align.archs`.
+
+One symmetry is not a permutation: the output embedding space. When the encoder's output is
+read by linear heads (CLIP's zero-shot heads are cosine classifiers, ``W f/‖f‖``), rotating
+the embedding by any orthogonal Q (``f → f Q``) and every head with it (``W → W Q``) leaves
+every logit unchanged, and contrastive pretraining — which only ever sees cosines — fixes no
+particular rotation. ``PermutationSpec.embedding`` names the (key, axis) that writes the
+embedding (open_clip's ``proj`` columns); ``Perms.embedding`` holds Q (None = no rotation),
+applied after the permutations.
 """
 
 from __future__ import annotations
@@ -72,13 +80,25 @@ class Site:
     """Where activation matching reads a permuted unit's activations: the input (``io="in"``,
     first positional argument) or output of module ``module``; optionally mapped through rows
     ``rows`` of the model's own linear weight ``weight`` (+ ``bias``), e.g. queries computed
-    from the attention input when the attention module exposes no q/k/v submodules."""
+    from the attention input when the attention module exposes no q/k/v submodules; with
+    ``normalize`` each vector is scaled to unit norm. ``module=""`` is the model's output."""
 
     module: str
     io: str = "out"
     weight: str | None = None
     bias: str | None = None
     rows: tuple[int, int] | None = None
+    normalize: bool = False  # read unit-norm vectors (what a cosine head sees)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The tensor axis that writes the encoder's output embedding: axis ``axis`` (of width
+    ``dim``) of state-dict tensor ``key``."""
+
+    key: str
+    axis: int
+    dim: int
 
 
 @dataclass
@@ -100,13 +120,17 @@ class Perms:
 
     units: dict[str, Tensor] = field(default_factory=dict)
     heads: dict[str, HeadPerm] = field(default_factory=dict)
+    embedding: Tensor | None = None  # orthogonal d × d Q: embedding f → f Q (None: unrotated)
 
     def is_identity(self) -> bool:
         def ident(t: Tensor) -> bool:
             return bool((t == torch.arange(t.shape[-1]).expand_as(t)).all())
 
-        return all(ident(p) for p in self.units.values()) and all(
-            ident(h.order) and ident(h.qk) and ident(h.v) for h in self.heads.values()
+        Q = self.embedding
+        return (
+            (Q is None or torch.equal(Q, torch.eye(len(Q), dtype=Q.dtype)))
+            and all(ident(p) for p in self.units.values())
+            and all(ident(h.order) and ident(h.qk) and ident(h.v) for h in self.heads.values())
         )
 
     def moved(self) -> dict[str, float]:
@@ -123,6 +147,11 @@ class Perms:
             out["within_head"] = frac(
                 [h.qk for h in self.heads.values()] + [h.v for h in self.heads.values()]
             )
+        if self.embedding is not None:
+            # ‖Q − I‖_F / √(2d): 0 for no rotation, 1 for a random one (E‖Q − I‖² = 2d)
+            Q = self.embedding.double()
+            eye = torch.eye(len(Q), dtype=Q.dtype)
+            out["embedding_rotation"] = float((Q - eye).norm() / (2 * len(Q)) ** 0.5)
         return out
 
 
@@ -134,6 +163,9 @@ class PermutationSpec:
     ``axes``: every state-dict key → one action (or None) per axis.
     ``sites``: coordinate (unit perm or head group) → part ("" for units, "qk" / "v" for
     heads) → where activation matching reads that part's activations.
+    ``embedding``: the tensor axis that writes the output embedding, which
+    ``Perms.embedding`` rotates; None when the architecture exposes no such tensor in its
+    state dict (then no embedding rotation is possible).
     """
 
     arch: str
@@ -141,8 +173,16 @@ class PermutationSpec:
     heads: dict[str, HeadGroup]
     axes: dict[str, tuple[Action | None, ...]]
     sites: dict[str, dict[str, list[Site]]] = field(default_factory=dict)
+    embedding: Embedding | None = None
 
     def __post_init__(self) -> None:
+        e = self.embedding
+        if e is not None:
+            if e.key not in self.axes or not 0 <= e.axis < len(self.axes[e.key]):
+                raise ConfigError(f"spec {self.arch}: embedding axis {e} is not in the spec")
+            if self.axes[e.key][e.axis] is not None:
+                # a rotation after a permutation of the same axis would not commute with it
+                raise ConfigError(f"spec {self.arch}: embedding axis {e} is also permuted")
         self._touch: dict[str, list[tuple[str, int]]] = {c: [] for c in self.coordinates}
         for key, actions in self.axes.items():
             seen: set[str] = set()
@@ -209,6 +249,12 @@ class PermutationSpec:
                         f"{what}: {key!r} axis {ax} has {shape[ax]} channels, the spec "
                         f"expects {self.size(a)}"
                     )
+        e = self.embedding
+        if e is not None and tuple(shapes[e.key])[e.axis] != e.dim:
+            raise CheckpointError(
+                f"{what}: {e.key!r} axis {e.axis} has {tuple(shapes[e.key])[e.axis]} embedding "
+                f"channels, the spec expects {e.dim}"
+            )
 
     def identity(self) -> Perms:
         return Perms(
@@ -223,8 +269,12 @@ class PermutationSpec:
             },
         )
 
-    def random(self, generator: torch.Generator, within_head: bool = True) -> Perms:
-        """Uniformly random permutations (for tests and benchmarks)."""
+    def random(
+        self, generator: torch.Generator, within_head: bool = True, rotate: bool = False
+    ) -> Perms:
+        """Uniformly random permutations (for tests and benchmarks); with ``rotate``, also a
+        random orthogonal embedding rotation (QR of a Gaussian matrix, signs fixed so it is
+        Haar-distributed; needs the spec's ``embedding``)."""
 
         def rp(n: int) -> Tensor:
             return torch.randperm(n, generator=generator)
@@ -234,10 +284,17 @@ class PermutationSpec:
                 return torch.arange(h.head_dim).repeat(h.n_heads, 1)
             return torch.stack([rp(h.head_dim) for _ in range(h.n_heads)])
 
-        return Perms(
+        perms = Perms(
             {p: rp(n) for p, n in self.units.items()},
             {g: HeadPerm(rp(h.n_heads), within(h), within(h)) for g, h in self.heads.items()},
         )
+        if rotate:
+            if self.embedding is None:
+                raise ConfigError(f"spec {self.arch} has no embedding axis to rotate")
+            d = self.embedding.dim
+            q, r = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+            perms.embedding = q * torch.sign(torch.diagonal(r))[None, :]
+        return perms
 
     # -------------------------------------------------------------- applying
     def index(self, action: Action, perms: Perms, skip: str | None = None) -> Tensor | None:
@@ -259,13 +316,21 @@ class PermutationSpec:
         return torch.cat(out) if moved else None
 
     def permute(self, key: str, tensor: Tensor, perms: Perms, skip: str | None = None) -> Tensor:
-        """``tensor`` (the value of ``key``) with every axis permuted by ``perms``."""
+        """``tensor`` (the value of ``key``) with every axis permuted by ``perms`` (and the
+        embedding axis rotated by ``perms.embedding``, unless ``skip == "embedding"``)."""
         for ax, action in enumerate(self.axes[key]):
             if action is None:
                 continue
             idx = self.index(action, perms, skip)
             if idx is not None:
                 tensor = tensor.index_select(ax, idx.to(tensor.device))
+        Q, e = perms.embedding, self.embedding
+        if Q is not None and skip != "embedding" and e is not None and key == e.key:
+            ax = e.axis
+            # in float64, then back: a rotation there and back again returns the tensor to
+            # rounding of its own dtype
+            t = tensor.movedim(ax, -1).double() @ Q.to(tensor.device, torch.float64)
+            tensor = t.to(tensor.dtype).movedim(-1, ax).contiguous()
         return tensor
 
     def apply(self, state: Mapping[str, Tensor], perms: Perms) -> dict[str, Tensor]:

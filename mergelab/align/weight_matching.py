@@ -12,6 +12,11 @@ they happen: the first sweep starts from the hubs (the residual stream), and a c
 whose score matrix cannot have changed is not solved again. A head group (one attention
 layer's heads with their within-head q/k and v permutations) is one coordinate, solved
 exactly by nested assignments (:func:`mergelab.align.assign.assign_heads`).
+
+Embedding rotation (``embedding: procrustes``, non-local pools; why: :mod:`mergelab.align.base`):
+once the permutations are fixed, the output projection's rows (the residual stream) are in
+the reference's order, so the rotation of the embedding is the orthogonal Procrustes solution
+of ``π(proj_B) Q ≈ proj_A`` — the same objective, ⟨proj_A, π(proj_B) Q⟩, maximised over Q.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor
 
 from mergelab import validate
 from mergelab.align.assign import assign_heads, assign_units, heads_value, units_value
-from mergelab.align.base import Alignment, weight_cosine
+from mergelab.align.base import Alignment, procrustes, weight_cosine
 from mergelab.align.spec import WITHIN, Perms, PermutationSpec, head_parts
 from mergelab.context import RunContext
 from mergelab.pool.base import ModelPool
@@ -93,6 +98,18 @@ def weight_matching(
     return perms, sweeps
 
 
+def embedding_rotation(
+    spec: PermutationSpec, ref: Mapping[str, Tensor], other: Mapping[str, Tensor], perms: Perms
+) -> Tensor:
+    """The orthogonal Q (d × d, float64) maximising ⟨W_ref, π(W_other) Q⟩ on the tensor that
+    writes the embedding (its embedding axis last, every other axis flattened into rows)."""
+    e = spec.embedding
+    d = e.dim
+    a = ref[e.key].movedim(e.axis, -1).reshape(-1, d)
+    b = spec.permute(e.key, other[e.key], perms, skip="embedding").movedim(e.axis, -1)
+    return procrustes(b.reshape(-1, d).to(a.device), a)
+
+
 def _unit_scores(spec, A, B, perms, c) -> Tensor:
     n = spec.units[c]
     C = None
@@ -129,15 +146,22 @@ class WeightMatching(Alignment):
     ``max_iter`` bounds the coordinate-descent sweeps; ``seed`` fixes the random order of the
     permutations; ``within_head`` also permutes channels inside each attention head (q/k
     shared, v shared with the output projection), not only whole heads; a step must raise the
-    objective by ``rel_tol`` (relative) to count as progress.
+    objective by ``rel_tol`` (relative) to count as progress; ``embedding``: ``procrustes``
+    also rotates each foundation's output embedding onto the reference's by Procrustes on
+    the output projection (non-local pools, see the module docstring), ``none`` does not.
     """
 
     name = "weight_matching"
 
     def __init__(
-        self, max_iter: int = 100, seed: int = 0, within_head: bool = True, rel_tol: float = 1e-9
+        self,
+        max_iter: int = 100,
+        seed: int = 0,
+        within_head: bool = True,
+        rel_tol: float = 1e-9,
+        embedding: str = "procrustes",
     ):
-        super().__init__()
+        super().__init__(embedding)
         self.max_iter = validate.integer("align.max_iter", max_iter)
         self.seed = validate.integer("align.seed", seed, minimum=None)
         self.within_head = bool(within_head)
@@ -151,11 +175,14 @@ class WeightMatching(Alignment):
         pool: ModelPool,
         ctx: RunContext,
         tasks: list[str],
+        rotate: bool = False,
     ) -> tuple[Perms, dict[str, Any]]:
         ref, other = dict(ref.items()), dict(other.items())  # read lazy files once
         perms, sweeps = weight_matching(
             spec, ref, other, self.max_iter, self.seed, self.within_head, self.rel_tol, ctx.device
         )
+        if rotate:
+            perms.embedding = embedding_rotation(spec, ref, other, perms).cpu()
         return perms, {
             "sweeps": sweeps,
             "weight_cosine_before": weight_cosine(spec, ref, other, spec.identity()),
