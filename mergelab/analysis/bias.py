@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mergelab import validate
 from mergelab.context import RunContext
 from mergelab.engine import TaskBatches
 from mergelab.errors import ConfigError
@@ -54,8 +55,7 @@ def measure_bias(
     ``expert_cache``: pass the same dict to the before- and after-surgery calls so each
     expert is loaded and run once (its representations of the seeded subset are fixed).
     """
-    if int(max_images) < 1:
-        raise ConfigError(f"max_images must be a positive integer, got {max_images}")
+    max_images = validate.integer("analysis.max_images", max_images)
     blocks = discover_blocks(model.encoder)
     names = [*blocks.names, FINAL]
     for task in model.tasks:
@@ -183,8 +183,7 @@ def plot_projection(
         if t not in model.tasks:
             raise ConfigError(f"plot_projection: unknown task {t!r}; the model has {model.tasks}")
         _check_task(pool, t)
-    if int(max_images) < 2:
-        raise ConfigError(f"max_images must be at least 2 for a projection, got {max_images}")
+    max_images = validate.integer("analysis.max_images (a projection)", max_images, minimum=2)
 
     from matplotlib.figure import Figure
 

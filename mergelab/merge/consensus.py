@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from mergelab.errors import ConfigError
+from mergelab import validate
 from mergelab.merge.base import MergeMethod, StateDict
 from mergelab.merge.masks import check_mtl, consensus_mask, iter_tall_masks
 from mergelab.merge.ties import Ties
@@ -46,10 +46,8 @@ class Consensus(MergeMethod):
         ties_extra_zeros: int = 0,
     ):
         super().__init__()
-        if int(k) != k or k < 0:
-            raise ConfigError(f"consensus k must be a whole number of tasks ≥ 0, got {k}")
-        if tall_lambda < 0:
-            raise ConfigError(f"consensus tall_lambda must be ≥ 0, got {tall_lambda}")
+        k = validate.integer("consensus k (a number of tasks)", k, minimum=0)
+        tall_lambda = validate.number("consensus tall_lambda", tall_lambda, ge=0)
         check_mtl(base, ties_k, ties_reduce, ties_scope)
         if base == "ties":  # TIES' own checks of its trim settings, at config time
             Ties(k=ties_k, scope=ties_scope, mode=ties_mode, extra_zeros=ties_extra_zeros)

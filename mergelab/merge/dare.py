@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from mergelab.errors import ConfigError
+from mergelab import validate
 from mergelab.merge.base import MergeMethod, StateDict, check_experts, tensor_meta
 from mergelab.merge.masks import check_shapes
 from mergelab.merge.task_arithmetic import TaskArithmetic
@@ -113,13 +113,9 @@ class Dare(MergeMethod):
         seed: int = 0,
     ):
         super().__init__()
-        if not 0.0 <= float(p) < 1.0:
-            raise ConfigError(f"dare p (drop rate) must be in [0, 1), got {p}")
-        if base not in BASES:
-            raise ConfigError(f"dare base must be one of {BASES}, got {base!r}")
-        self.p = float(p)
-        self.base = base
-        self.scaling = float(scaling)
+        self.p = validate.fraction("dare p (drop rate)", p, open_high=True)
+        self.base = validate.choice("dare base", base, BASES)
+        self.scaling = validate.number("dare scaling", scaling)
         self.rescale = bool(rescale)
         self.ties_k = float(ties_k)
         self.ties_reduce = ties_reduce

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
 from mergelab.merge.base import check_experts, iter_params, tensor_meta
@@ -60,13 +61,10 @@ TIES_SCOPES = ("global", "per_tensor")
 
 def check_mtl(kind: str, ties_k: float, ties_reduce: str, ties_scope: str) -> None:
     """Validate the multi-task-vector settings (one clear ConfigError per bad value)."""
-    if kind not in MTL_KINDS:
-        raise ConfigError(f"multi-task vector must be one of {MTL_KINDS}, got {kind!r}")
-    ops.check_fraction("ties_k", ties_k)
-    if ties_reduce not in TIES_REDUCES:
-        raise ConfigError(f"ties_reduce must be one of {TIES_REDUCES}, got {ties_reduce!r}")
-    if ties_scope not in TIES_SCOPES:
-        raise ConfigError(f"ties_scope must be one of {TIES_SCOPES}, got {ties_scope!r}")
+    validate.choice("multi-task vector", kind, MTL_KINDS)
+    validate.fraction("ties_k", ties_k)
+    validate.choice("ties_reduce", ties_reduce, TIES_REDUCES)
+    validate.choice("ties_scope", ties_scope, TIES_SCOPES)
 
 
 def check_shapes(

@@ -44,10 +44,6 @@ def float_keys(pretrained: Mapping[str, Tensor]) -> list[str]:
     return [k for k in pretrained.keys() if pretrained[k].is_floating_point()]
 
 
-# The one validator (mergelab.validate), under the name masks.py still calls it by.
-check_fraction = validate.fraction
-
-
 def check_trim_mode(mode: str) -> str:
     return validate.choice("TIES mode", mode, TRIM_MODES)
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from mergelab import validate
 from mergelab.context import RunContext
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.pool.base import ModelPool, MultiTaskModel
@@ -101,39 +102,18 @@ class AdapterSurgery(Surgery):
         load_from: str | None = None,
         save: bool = True,
     ):
-        self.rank = int(rank)
-        self.lr = float(lr)
-        self.betas = tuple(float(b) for b in betas)
-        self.weight_decay = float(weight_decay)
-        self.steps = int(steps)
-        self.batch_size = int(batch_size)
-        self.sampling = str(sampling)
+        self.rank = validate.integer("surgery rank", rank)
+        self.lr = validate.number("surgery lr", lr, gt=0)
+        self.betas = validate.betas("surgery betas", betas)
+        self.weight_decay = validate.number("surgery weight_decay", weight_decay, ge=0)
+        self.steps = validate.integer("surgery steps", steps)
+        self.batch_size = validate.integer("surgery batch_size", batch_size)
+        self.sampling = validate.choice("surgery sampling", sampling, SAMPLINGS)
         self.online = bool(online)
         self.cache = bool(cache)
-        self.seed = int(seed)
+        self.seed = validate.integer("surgery seed", seed, minimum=None)
         self.load_from = None if load_from in (None, "") else str(load_from)
         self.save = bool(save)
-        self._validate()
-
-    def _validate(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"surgery rank must be >= 1, got {self.rank}")
-        if not self.lr > 0:
-            raise ConfigError(f"surgery lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(
-                f"surgery betas must be two numbers in [0, 1), got {list(self.betas)}"
-            )
-        if self.weight_decay < 0:
-            raise ConfigError(f"surgery weight_decay must be >= 0, got {self.weight_decay}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(
-                f"surgery needs steps >= 1 and batch_size >= 1, got steps={self.steps}, batch_size={self.batch_size}"
-            )
-        if self.sampling not in SAMPLINGS:
-            raise ConfigError(
-                f"unknown surgery sampling {self.sampling!r}; expected one of {list(SAMPLINGS)}"
-            )
         if self.load_from is not None and not Path(self.load_from).is_file():
             raise CheckpointError(f"surgery load_from: file not found: {self.load_from}")
 
