@@ -39,6 +39,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from mergelab.errors import ConfigError
+
 # Lightning warnings that mergelab's passes trigger on purpose: frozen models stay in eval
 # mode, measuring passes return nothing (they accumulate in their module), and tiny
 # in-memory datasets need no loader workers.
@@ -52,13 +54,10 @@ _EXPECTED_WARNINGS = (
 # a run builds several Trainers, so they would repeat; provenance records the same facts.
 _BANNER_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
+# Launchers that start new processes for every Trainer call (results stay in the children).
+_SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 # Strategy names whose DDP wrapper must tolerate parameters that get no gradient in a step.
-_FIND_UNUSED = {
-    "ddp": "ddp_find_unused_parameters_true",
-    "ddp_spawn": "ddp_spawn_find_unused_parameters_true",
-    "ddp_fork": "ddp_fork_find_unused_parameters_true",
-    "ddp_notebook": "ddp_notebook_find_unused_parameters_true",
-}
+_FIND_UNUSED = {"ddp": "ddp_find_unused_parameters_true"}
 
 
 class Engine:
@@ -78,6 +77,12 @@ class Engine:
         out_dir: str | Path = ".",
     ):
         self.config = dict(trainer or {"accelerator": "cpu", "devices": 1})
+        strategy = self.config.get("strategy")
+        if isinstance(strategy, str) and strategy.startswith(_SPAWNING):
+            raise ConfigError(
+                f"trainer.strategy={strategy!r} runs each pass in fresh processes, but mergelab "
+                "runs the whole pipeline in every process; use trainer.strategy=ddp"
+            )
         self.loggers = list(loggers)
         self.out_dir = Path(out_dir)
         for name in _BANNER_LOGGERS:
