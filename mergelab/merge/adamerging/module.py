@@ -168,7 +168,9 @@ class AdaMergingModule(L.LightningModule):
     def on_train_end(self) -> None:
         """The single-device entropy of every step: the processes' scaled shares, summed."""
         if self._history:
-            total = self.trainer.strategy.reduce(torch.stack(self._history).double(), "sum")
+            total = self.trainer.strategy.reduce(
+                torch.stack(self._history).double(), reduce_op="sum"
+            )
             self.entropy_history = (total / self.trainer.world_size).cpu().tolist()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
