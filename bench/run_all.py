@@ -1,6 +1,8 @@
 """`make bench`: every speed/memory benchmark, each in its own process, figures to .bench/.
 
 1. merges at ViT-B/32 size (8 synthetic experts): wall time and peak memory vs a plain read;
+   TALL masks / EMR (and their task-conditional storage), RegMean / Fisher (measured on a few
+   images per task, extrapolated to 256);
 2. surgery v1/v2 on the embedded benchmark vs the reference loop (same steps, same seed);
 3. one AdaMerging step vs one forward+backward of the merged model, embedded and ViT-B/32 size;
 4. permutation alignment (weight / activation matching) per model, embedded and ViT-B/32 size.
@@ -19,6 +21,10 @@ JOBS = [
     (
         "merge_methods",
         ["-m", "bench.merge_methods_bench", "--json", str(OUT / "merge_methods.json")],
+    ),
+    (
+        "data_merge",
+        ["-m", "bench.data_merge_bench", "--json", str(OUT / "data_merge.json")],
     ),
     ("surgery", ["-m", "bench.surgery_bench", "--embedded", "--json", str(OUT / "surgery.json")]),
     ("adamerging", ["-m", "bench.adamerging_bench", "--json", str(OUT / "adamerging.json")]),
