@@ -252,6 +252,17 @@ def run_bench(
     full: int = 256,
 ) -> dict:
     meta = make_checkpoints(root, n_experts)
+    measure("plain_read", root, n_experts)  # warms the page cache
+    rows = [("plain_read", measure("plain_read", root, n_experts))]
+    for mode in modes:
+        print(f"[data_merge_bench] {mode} …", file=sys.stderr, flush=True)
+        n = exact_samples if mode == "fisher_exact" else samples
+        rows.append((mode, measure_method(mode, root, n_experts, n, exact_classes)))
+    return summarise(meta, rows, n_experts, full)
+
+
+def summarise(meta: dict, rows: list[tuple[str, dict]], n_experts: int, full: int) -> dict:
+    """The report's figures from the children's json lines (``plain_read`` first)."""
     model_mb = meta["bytes"] / 2**20
     res = {
         "n_experts": n_experts,
@@ -260,12 +271,6 @@ def run_bench(
         "full_samples_per_task": full,
         "rows": {},
     }
-    measure("plain_read", root, n_experts)  # warms the page cache
-    rows = [("plain_read", measure("plain_read", root, n_experts))]
-    for mode in modes:
-        print(f"[data_merge_bench] {mode} …", file=sys.stderr, flush=True)
-        n = exact_samples if mode == "fisher_exact" else samples
-        rows.append((mode, measure_method(mode, root, n_experts, n, exact_classes)))
     plain = rows[0][1]
     for mode, m in rows:
         extra_mb = m["extra_kb"] / 1024
