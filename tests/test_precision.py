@@ -21,8 +21,8 @@ from mergelab.pipeline import run
 
 N_TEST = 64  # test images per task in the tiny zoo
 MAX_FLIPS = 4  # per task: bf16 may move a near-tie prediction, not the model
-MODULE_RTOL = 0.05  # relative distance of the trained surgery modules (measured: see report)
-ENTROPY_RTOL = 0.02  # AdaMerging's objective in bf16 vs fp32, per step
+MODULE_RTOL = 0.05  # relative distance of the trained surgery modules (measured 3e-3, 4e-3)
+ENTROPY_RTOL = 0.05  # AdaMerging's objective in bf16 vs fp32, per step (measured 1.4e-2)
 FAST = ["eval.batch_size=32", "analysis.bias=false", "analysis.task_vectors=false"]
 CONFIGS = {
     "eval": [],
