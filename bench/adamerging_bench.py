@@ -12,6 +12,11 @@ that drifting load hits both alike; the median of ``repeats`` is reported.
     python -m bench.adamerging_bench                          # embedded, then ViT-B/32 size
     python -m bench.adamerging_bench --size embedded --batch-size 16 --repeats 10
     python -m bench.adamerging_bench --size vit-b-32 --batch-size 2 --repeats 3 --threads 1
+
+Then the same step through the run's Lightning engine (``AdaMerging.fit``) at ViT-B/32 size
+on 1 and 2 CPU processes (DDP, gloo), as a ratio to the merged model's forward + backward:
+see :mod:`bench.scaling` (``--skip-scaling``, ``--processes``, ``--scaling-*``;
+``--size none`` runs only this part).
 """
 
 from __future__ import annotations
@@ -25,13 +30,8 @@ from pathlib import Path
 
 import torch
 
-# Architecture presets as synthetic_pool arguments (random weights, nothing downloaded).
-SIZES = {
-    # the embedded benchmark's backbone: open_clip ViT, width 128, 4 blocks, 28 px, patch 7
-    "embedded": dict(width=128, layers=4, heads=2, embed_dim=64, image_size=28, patch_size=7),
-    # CLIP ViT-B/32's image tower: width 768, 12 blocks, 224 px, patch 32, embed 512
-    "vit-b-32": dict(width=768, layers=12, heads=12, embed_dim=512, image_size=224, patch_size=32),
-}
+from bench.scaling import SIZES, add_scaling_arguments, quiet, run_scaling
+
 DEFAULT_BATCH = {"embedded": 16, "vit-b-32": 2}
 DEFAULT_REPEATS = {"embedded": 10, "vit-b-32": 3}
 
@@ -146,7 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--size", choices=[*SIZES, "both"], default="both")
+    ap.add_argument("--size", choices=[*SIZES, "both", "none"], default="both")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=None, help="images per task per step")
     ap.add_argument("--repeats", type=int, default=None)
@@ -168,14 +168,16 @@ def main() -> None:
         "oversubscribed machine 1 thread avoids OpenMP spin-wait stalls",
     )
     ap.add_argument("--json", default=None, help="also write the results to this json file")
+    add_scaling_arguments(ap)
     a = ap.parse_args()
+    quiet()
     if a.threads:
         torch.set_num_threads(a.threads)
 
     from mergelab.zoo.synthetic import synthetic_pool
 
     results = {}
-    for name in SIZES if a.size == "both" else [a.size]:
+    for name in {"both": list(SIZES), "none": []}.get(a.size, [a.size]):
         arch = dict(SIZES[name])
         for field in arch:
             if getattr(a, field) is not None:
@@ -189,6 +191,7 @@ def main() -> None:
         results[name] = res
         _report(name, res)
         del pool
+    results["scaling"] = run_scaling(["adamerging"], a)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

@@ -3,8 +3,11 @@
 1. merges at ViT-B/32 size (8 synthetic experts): wall time and peak memory vs a plain read;
    TALL masks / EMR (and their task-conditional storage), RegMean / Fisher (measured on a few
    images per task, extrapolated to 256);
-2. surgery v1/v2 on the embedded benchmark vs the reference loop (same steps, same seed);
-3. one AdaMerging step vs one forward+backward of the merged model, embedded and ViT-B/32 size;
+2. surgery v1/v2 on the embedded benchmark vs the reference loop (same steps, same seed), then
+   their step cost through Lightning at ViT-B/32 size as a ratio to the merged model's forward
+   (+ backward), on 1 and 2 CPU processes (bench.scaling);
+3. one AdaMerging step vs one forward+backward of the merged model, embedded and ViT-B/32 size,
+   then the same through Lightning on 1 and 2 CPU processes;
 4. permutation alignment (weight / activation matching) per model, embedded and ViT-B/32 size.
 """
 

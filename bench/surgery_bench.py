@@ -16,6 +16,11 @@ forward pass; the merged backbone's forward + backward stays, so its ceiling is 
 
     python -m bench.surgery_bench [--steps 500] [--rank 16] [--tasks 8] [--images 1000]
 
+Then the step cost of v1 and v2 through the run's Lightning engine on a ViT-B/32-sized random
+model, as a ratio to one forward (v1) / forward + backward (v2) of the merged model, on 1 and
+2 CPU processes (DDP, gloo): see :mod:`bench.scaling` (``--skip-scaling``, ``--processes``,
+``--scaling-*``; ``--skip-compare`` runs only this part).
+
 ``run_bench(pool, steps, rank, seed)`` runs the same on any ModelPool (e.g. the embedded
 8-task benchmark) and returns the numbers as a dict.
 """
@@ -31,6 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from bench.scaling import add_scaling_arguments, quiet, run_scaling
 from mergelab.context import RunContext
 from mergelab.pool.base import ModelPool, MultiTaskModel
 from mergelab.surgery.v1 import SurgeryV1
@@ -154,8 +160,6 @@ def embedded_benchmark_pool(overrides: list[str] | None = None) -> ModelPool:
 
 
 def main() -> None:
-    from mergelab.zoo.synthetic import synthetic_pool
-
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -173,9 +177,25 @@ def main() -> None:
         "--embedded", action="store_true",
         help="use the embedded benchmark's real zoo (model=embedded tasks=embedded8) instead of a synthetic pool",
     )  # fmt: skip
+    p.add_argument("--skip-compare", action="store_true", help="only the step-cost table")
+    add_scaling_arguments(p)
     a = p.parse_args()
+    quiet()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    out: dict = {}
+    if not a.skip_compare:
+        out["compare"] = compare(a)
+        print()
+    out["scaling"] = run_scaling(["v1", "v2"], a)
+    if a.json is not None:
+        a.json.write_text(json.dumps(out, indent=2))
+
+
+def compare(a: argparse.Namespace) -> dict:
+    """Cached vs reference loop on the embedded shape (or the embedded zoo)."""
+    from mergelab.zoo.synthetic import synthetic_pool
+
     if a.embedded:
         pool = embedded_benchmark_pool()
     else:
@@ -186,8 +206,7 @@ def main() -> None:
         )  # fmt: skip
     r = run_bench(pool, a.steps, a.rank, a.seed, a.batch_size)
     print_results(r)
-    if a.json is not None:
-        a.json.write_text(json.dumps(r, indent=2))
+    return r
 
 
 if __name__ == "__main__":
