@@ -32,7 +32,7 @@ and is extrapolated per VJP to the real class counts of the 8 ViT-B/32 tasks (SU
 Cars 196, ..., 758 in all); its per-VJP time includes the forward, so the extrapolation is an
 upper bound.
 
-    python -m bench.data_merge_bench [--experts 8] [--samples 8] [--only emr,regmean] [--json f]
+    python -m bench.data_merge_bench [--experts 8] [--samples 2] [--only emr,regmean] [--json f]
 """
 
 from __future__ import annotations
@@ -246,9 +246,9 @@ def run_bench(
     root: Path,
     n_experts: int = 8,
     modes: tuple[str, ...] = MODES,
-    samples: int = 8,
+    samples: int = 2,
     exact_samples: int = 1,
-    exact_classes: int = 10,
+    exact_classes: int = 3,
     full: int = 256,
 ) -> dict:
     meta = make_checkpoints(root, n_experts)
@@ -359,9 +359,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--dir", default=".bench/vit_b32")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(MODES)}")
-    ap.add_argument("--samples", type=int, default=8, help="images per task (regmean, fisher)")
+    ap.add_argument("--samples", type=int, default=2, help="images per task (regmean, fisher)")
     ap.add_argument("--exact-samples", type=int, default=1, help="images per task, fisher_exact")
-    ap.add_argument("--exact-classes", type=int, default=10, help="classes per head, fisher_exact")
+    ap.add_argument("--exact-classes", type=int, default=3, help="classes per head, fisher_exact")
     ap.add_argument("--full-samples", type=int, default=256, help="images per task extrapolated to")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the figures to this json file")
