@@ -140,7 +140,7 @@ def cached_geometry(pool, cache_dir: str | Path) -> dict[str, Any]:
     and the per-task fingerprints of the tasks it covers."""
     from mergelab.eval.baselines import cache_dir_of
     from mergelab.eval.provenance import key_hash, normalized, pool_identity, task_fingerprint
-    from mergelab.eval.report import atomic_write
+    from mergelab.files import atomic_write
 
     key = normalized(
         {
@@ -162,7 +162,7 @@ def write_geometry(
     geometry: Mapping[str, Any], out_dir: str | Path, title: str | None = None
 ) -> None:
     """``task_vectors.json`` and the heatmap ``task_vectors.png`` in ``out_dir``."""
-    from mergelab.eval.report import atomic_write
+    from mergelab.files import atomic_write
 
     out_dir = Path(out_dir)
     atomic_write(out_dir / JSON_NAME, json.dumps(dict(geometry), indent=2))

@@ -15,7 +15,7 @@ from typing import Any
 from mergelab.context import RunContext
 from mergelab.eval.evaluator import evaluate
 from mergelab.eval.provenance import key_hash, normalized, pool_identity, task_fingerprint
-from mergelab.eval.report import atomic_write
+from mergelab.files import atomic_write
 from mergelab.pool.base import ModelPool, MultiTaskModel
 
 

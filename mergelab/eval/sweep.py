@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mergelab.eval import report
+from mergelab.files import atomic_write
 
 BASELINE_ROWS = ("pretrained", "individual experts")
 STAT_KEYS = ("avg", "normalized")
@@ -156,7 +157,7 @@ def write_comparison(sweep_dir: Path, secs: list[dict[str, Any]]) -> None:
         for s in secs
         for r in s["rows"]
     ]
-    report.atomic_write(
+    atomic_write(
         sweep_dir / "comparison.json",
         json.dumps({"tasks": all_tasks, "sections": secs, "rows": flat_rows}, indent=2),
     )
@@ -174,7 +175,7 @@ def write_comparison(sweep_dir: Path, secs: list[dict[str, Any]]) -> None:
                 seeds=" ".join(str(x) for x in r["seeds"]),
             )
             lines.append(line)
-    report.atomic_write(sweep_dir / "comparison.csv", report.csv_text(cols, lines))
+    atomic_write(sweep_dir / "comparison.csv", report.csv_text(cols, lines))
 
 
 def print_comparison(sweep_dir: Path, secs: list[dict[str, Any]]) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from mergelab.errors import ConfigError
+from mergelab.files import atomic_write
 from mergelab.pool.base import ModelPool
 from mergelab.pool.heads import ClassificationHead
 from mergelab.pool.state import LazyStateDict, save_state_dict
@@ -142,7 +143,7 @@ class Foundation:
         )
         save_state_dict(text.state_dict(), self.dir / "text.safetensors")
         scale = float(module.logit_scale.detach().exp().clamp(max=100.0))
-        (self.dir / "logit_scale.json").write_text(json.dumps({"logit_scale": scale}))
+        atomic_write(self.dir / "logit_scale.json", json.dumps({"logit_scale": scale}))
         from mergelab.zoo.text import caption
 
         text.eval()
@@ -150,7 +151,7 @@ class Foundation:
             for t in z.mixture:  # zero-shot head: the prompt "<t> upright <class>" per class
                 w = text([caption(t, 0, name) for name in classes[t]])
                 save_state_dict({"weight": w}, self.head_path(t))
-        (self.dir / "config.json").write_text(json.dumps(self.key, indent=2, sort_keys=True))
+        atomic_write(self.dir / "config.json", json.dumps(self.key, indent=2, sort_keys=True))
         return True
 
     def ensure_expert(self, task: str) -> bool:
@@ -291,12 +292,12 @@ class EmbeddedZoo:
                 arrs = list(
                     zdata.build_task(task, d["image_size"], d["n_train"], d["n_test"], d["seed"])
                 )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez_compressed(
-                    tmp, x_train=arrs[0], y_train=arrs[1], x_test=arrs[2], y_test=arrs[3]
+                atomic_write(
+                    path,
+                    lambda f: np.savez_compressed(
+                        f, x_train=arrs[0], y_train=arrs[1], x_test=arrs[2], y_test=arrs[3]
+                    ),
                 )
-                tmp.replace(path)
             xtr, ytr, xte, yte = arrs
             self._splits[task] = (
                 to_tensor(xtr),
@@ -316,13 +317,13 @@ class EmbeddedZoo:
         for task in tasks:
             built |= self.foundation_of(task).ensure_expert(task)
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "config.json").write_text(json.dumps(self.key, indent=2, sort_keys=True))
+        atomic_write(self.root / "config.json", json.dumps(self.key, indent=2, sort_keys=True))
         if built:
             secs = time.time() - t_start
             log = self.root / "build_log.json"
             prev = json.loads(log.read_text()) if log.exists() else []
             prev.append({"tasks": tasks, "seconds": round(secs, 1)})
-            log.write_text(json.dumps(prev, indent=2))
+            atomic_write(log, json.dumps(prev, indent=2))
             _log(f"built in {secs:.0f}s → {self.root}")
 
     def pool(self, tasks: list[str]) -> ModelPool:
@@ -359,9 +360,7 @@ class EmbeddedZoo:
         key = ",".join(pool.tasks)
         if key not in saved:
             saved[key] = measure_regime(pool, self.cache.parent, self.regime_targets)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(saved, indent=2))
-            tmp.replace(path)
+            atomic_write(path, json.dumps(saved, indent=2))
             print_regime(self.name, saved[key])
         return saved[key]
 
