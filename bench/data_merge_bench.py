@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.merge_bench import VIT_B32, _status_kb, make_checkpoints, measure
+from bench.merge_bench import VIT_B32, make_checkpoints, measure, measured
 
 CONDITIONAL = ("tall_masks", "emr")
 DATA = ("regmean", "fisher_sample", "fisher_exact")
@@ -85,12 +85,7 @@ def _child_conditional(mode: str, root: str, n_experts: int) -> dict:
     experts = {
         f"t{i}": LazyStateDict(Path(root) / f"expert_{i}.safetensors") for i in range(n_experts)
     }
-    Path("/proc/self/clear_refs").write_text("5")
-    rss0 = _status_kb("VmRSS")
-    t, c = time.perf_counter(), time.process_time()
-    merged = method.merge(p, experts)  # kept alive: the output counts
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
-    extra_kb = _status_kb("VmHWM") - rss0
+    merged, wall, cpu, extra_kb = measured(lambda: method.merge(p, experts))
     return {
         "mode": mode,
         "wall_s": wall,
@@ -186,12 +181,7 @@ def _child_data(
         seed=seed,
     )
     ctx.make_trainer(logger=False)  # Lightning's one-time imports are not the merge's
-    Path("/proc/self/clear_refs").write_text("5")
-    rss0 = _status_kb("VmRSS")
-    t, c = time.perf_counter(), time.process_time()
-    _merged = method.fit(pool, ctx)  # kept alive: the output counts
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
-    extra_kb = _status_kb("VmHWM") - rss0
+    _merged, wall, cpu, extra_kb = measured(lambda: method.fit(pool, ctx))
     return {
         "mode": mode,
         "wall_s": wall,

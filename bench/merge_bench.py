@@ -57,6 +57,20 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def measured(fn):
+    """Run ``fn()`` once in this (measured) subprocess: ``(result, wall s, CPU s, extra KiB)``.
+
+    The kernel's peak-RSS counter is reset first (``/proc/self/clear_refs`` ← 5), so
+    VmHWM − VmRSS(start) is exactly what ``fn`` added at its peak; the result is returned, so
+    it is still alive at the peak reading (a merge's output counts)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    rss0 = _status_kb("VmRSS")
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return out, wall, cpu, _status_kb("VmHWM") - rss0
+
+
 def _child(mode: str, root: str, n_experts: int) -> None:
     """Runs inside the measured subprocess; prints one json line.
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.merge_bench import _status_kb, make_checkpoints, measure, print_report
+from bench.merge_bench import make_checkpoints, measure, measured, print_report
 
 
 def build(mode: str):
@@ -55,12 +55,7 @@ def _child(mode: str, root: str, n_experts: int) -> None:
     experts = {
         f"t{i}": LazyStateDict(Path(root) / f"expert_{i}.safetensors") for i in range(n_experts)
     }
-    Path("/proc/self/clear_refs").write_text("5")
-    rss0 = _status_kb("VmRSS")
-    t, c = time.perf_counter(), time.process_time()
-    _merged = method.merge(p, experts)  # kept alive: the output counts
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
-    extra_kb = _status_kb("VmHWM") - rss0
+    _merged, wall, cpu, extra_kb = measured(lambda: method.merge(p, experts))
     print(json.dumps({"mode": mode, "wall_s": wall, "cpu_s": cpu, "extra_kb": extra_kb}))
 
 
