@@ -1,11 +1,12 @@
 """The execution engine: the one place that decides device, precision and process rank.
 
-Every compute pass of a run — feature and target caching, statistics, the representation-bias
-analysis, surgery and AdaMerging training, evaluation — builds its Lightning Trainer here from
-the user's ``trainer`` config (accelerator, devices, num_nodes, strategy, precision) and runs
-through ``Trainer.predict`` (measuring passes: :meth:`Engine.run`) or ``Trainer.fit``
-(training: :meth:`Engine.fit`). No other module picks a device or a precision; Lightning
-resolves them (``devices=[2]`` is ``cuda:2``) and applies the precision's autocast.
+Every compute pass of a run — the embedded zoo's build, feature and target caching,
+statistics, the representation-bias analysis, surgery and AdaMerging training, evaluation —
+builds its Lightning Trainer here from the user's ``trainer`` config (accelerator, devices,
+num_nodes, strategy, precision) and runs through ``Trainer.predict`` (measuring passes:
+:meth:`Engine.run`) or ``Trainer.fit`` (training: :meth:`Engine.fit`). No other module picks a
+device or a precision; Lightning resolves them (``devices=[2]`` is ``cuda:2``) and applies the
+precision's autocast.
 
 Under DDP every process runs the same pipeline. The rules that make N processes give the
 one-process answer:
@@ -102,6 +103,18 @@ class Engine:
         kw.update(self.config)
         kw.update(overrides)
         return L.Trainer(**kw)
+
+    def single_device(self) -> Engine:
+        """The engine for a pass that this process runs alone while the others wait (what
+        rank 0 builds and caches inside :meth:`rank_zero_first`, e.g. the embedded zoo): the
+        configured accelerator, precision and other settings on this process's device only —
+        one device, one node, Lightning's default strategy (no process group), no loggers."""
+        config = {
+            k: v for k, v in self.config.items() if k not in ("devices", "num_nodes", "strategy")
+        }
+        index = self.device.index  # None on the CPU
+        config["devices"] = 1 if index is None else [index]
+        return Engine(config, (), self.out_dir)
 
     @cached_property
     def _probe(self) -> L.Trainer:

@@ -144,7 +144,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
         t = time.time()
         with engine.rank_zero_first():  # a zoo or a converted checkpoint is built once
-            pool = build(cfg.model, tasks=tasks, cache_dir=cfg.paths.cache_dir, _convert_="all")
+            pool = build(
+                cfg.model,
+                tasks=tasks,
+                cache_dir=cfg.paths.cache_dir,
+                engine=engine,  # the embedded zoo is built on this rank's device alone
+                _convert_="all",
+            )
         timings["pool_s"] = time.time() - t
 
         if aligner is not None:  # permute experts (and bases) into one basis before any merge

@@ -17,7 +17,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ from mergelab.pool.clip import (
 from mergelab.pool.heads import ClassificationHead
 from mergelab.pool.state import LazyStateDict, check_compatible, check_finite, save_state_dict
 from mergelab.tasks.vit8 import TaskSpec, load_test_set, resolve_tasks
+
+if TYPE_CHECKING:
+    from mergelab.engine import Engine
 
 # FusionBench's task names in its model repository ids.
 FUSIONBENCH_NAMES = {
@@ -180,6 +183,7 @@ def build_pool(
     max_items_per_task: int | None = None,
     seed: int = 0,
     text_batch_size: int = 256,
+    engine: Engine | None = None,
 ) -> ModelPool:
     """Build a ModelPool from FusionBench's HF CLIP experts (family ``"fusionbench"``).
 
@@ -187,6 +191,8 @@ def build_pool(
     read from ``checkpoints`` (or ``$MERGELAB_CHECKPOINTS``) when set, else from the HF cache.
     Heads: ``<heads>/head_<Task>.safetensors|.pt`` when given, else zero-shot from the base
     CLIP text tower (needs its tokenizer files), cached.
+    ``engine`` (the run's) is not used: this pool is read from checkpoints, and its zero-shot
+    heads are model files, computed once in fp32 on the CPU whatever the run's precision.
     """
     tf = _transformers()
     specs: list[TaskSpec] = resolve_tasks(tasks)

@@ -18,7 +18,7 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -36,6 +36,9 @@ from mergelab.pool.clip import (
 from mergelab.pool.heads import ClassificationHead
 from mergelab.pool.state import LazyStateDict, check_compatible, check_finite, save_state_dict
 from mergelab.tasks.vit8 import TaskSpec, load_test_set, resolve_tasks
+
+if TYPE_CHECKING:
+    from mergelab.engine import Engine
 
 HOW_TO_GET = (
     "The task_vectors checkpoints (zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt per "
@@ -124,6 +127,7 @@ def build_pool(
     max_items_per_task: int | None = None,
     seed: int = 0,
     text_batch_size: int = 256,
+    engine: Engine | None = None,
 ) -> ModelPool:
     """Build a ModelPool from task_vectors-format checkpoints (family ``"task_vectors"``).
 
@@ -132,6 +136,8 @@ def build_pool(
     ``head_<Task>.pt`` (next to the experts or in the task folder), else zero-shot from
     ``pretrained``'s text tower (cached). ``model_cfg`` replaces the open_clip config of
     ``arch`` (tiny test models); ``max_items_per_task`` subsamples the test sets.
+    ``engine`` (the run's) is not used: this pool is read from checkpoints, and its zero-shot
+    heads are model files, computed once in fp32 on the CPU whatever the run's precision.
     """
     specs: list[TaskSpec] = resolve_tasks(tasks)
     names = [str(t) for t in tasks]  # the caller's spelling keys the pool; files use spec.name

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from mergelab.engine import Engine
 from mergelab.errors import ConfigError
 from mergelab.files import atomic_write
 from mergelab.pool.base import ModelPool
@@ -41,6 +42,7 @@ from mergelab.pool.heads import ClassificationHead
 from mergelab.pool.state import LazyStateDict, save_state_dict
 from mergelab.pool.vit import build_openclip_vision
 from mergelab.zoo import data as zdata
+from mergelab.zoo.train import build_engine
 
 # CLIP's normalisation constants, as for the real benchmark.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,6 +81,8 @@ class Foundation:
             "mixture": zoo.mixture,
             "seed": seed,
         }
+        if zoo.engine.precision != "32-true":  # a mixed-precision build gives another zoo
+            key["precision"] = zoo.engine.precision
         self.key = key
         self.dir = zoo.cache / f"foundation-{config_hash(key)}"
         recipe = {"finetune": zoo.finetune_cfg, "logit_scale": zoo.logit_scale}
@@ -137,6 +141,7 @@ class Foundation:
             c["steps"],
             f"pretraining foundation {self.name} (image–caption, {len(z.mixture)} domains)",
             z.progress,
+            z.engine,
         )
         save_state_dict(
             {k: v.detach().clone() for k, v in enc.state_dict().items()}, self.theta0_path
@@ -178,6 +183,7 @@ class Foundation:
             c["steps"],
             f"fine-tuning expert {task!r} from {self.name}",
             z.progress,
+            z.engine,
         )
         self.experts_dir.mkdir(parents=True, exist_ok=True)
         save_state_dict(
@@ -214,6 +220,9 @@ class EmbeddedZoo:
     foundations as their one reference θ0 (aligned first when an ``align`` method runs).
     ``regime_targets``: the properties the zoo is meant to have, checked and printed (a
     description of the instrument, never a gate).
+    ``engine``: the run's engine; a missing zoo is built and measured on this process's device
+    in its precision (the CPU in fp32 without one), and a precision other than fp32 keys
+    another zoo.
     """
 
     def __init__(
@@ -231,8 +240,10 @@ class EmbeddedZoo:
         foundations: list[int] | None = None,
         regime_targets: dict | None = None,
         progress: bool = True,
+        engine: Engine | None = None,
     ):
         self.name = name
+        self.engine = build_engine(engine)
         self.vision = dict(vision)
         self.embed_dim = embed_dim
         self.data_cfg = dict(data)
@@ -359,7 +370,7 @@ class EmbeddedZoo:
         saved = json.loads(path.read_text()) if path.exists() else {}
         key = ",".join(pool.tasks)
         if key not in saved:
-            saved[key] = measure_regime(pool, self.cache.parent, self.regime_targets)
+            saved[key] = measure_regime(pool, self.cache.parent, self.regime_targets, self.engine)
             atomic_write(path, json.dumps(saved, indent=2))
             print_regime(self.name, saved[key])
         return saved[key]
@@ -377,8 +388,11 @@ def _average(states: list) -> dict[str, Tensor]:
     return out
 
 
-def embedded_pool(tasks: list[str], cache_dir: str, **cfg: Any) -> ModelPool:
-    """Hydra entry point (``model=embedded*``): the embedded benchmark's pool for ``tasks``."""
+def embedded_pool(
+    tasks: list[str], cache_dir: str, engine: Engine | None = None, **cfg: Any
+) -> ModelPool:
+    """Hydra entry point (``model=embedded*``): the embedded benchmark's pool for ``tasks``,
+    built (if not cached) through ``engine`` on this process (CPU fp32 without one)."""
     unknown = [t for t in tasks if t not in zdata.TASKS]
     if unknown:
         raise ConfigError(
@@ -386,4 +400,4 @@ def embedded_pool(tasks: list[str], cache_dir: str, **cfg: Any) -> ModelPool:
         )
     cfg = dict(cfg)
     cfg.pop("family", None)
-    return EmbeddedZoo(cache_dir=cache_dir, **cfg).pool(list(tasks))
+    return EmbeddedZoo(cache_dir=cache_dir, engine=engine, **cfg).pool(list(tasks))

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from mergelab.context import RunContext
+from mergelab.engine import Engine
 from mergelab.eval.baselines import baselines
 from mergelab.eval.evaluator import evaluate
 from mergelab.pool.base import ModelPool, MultiTaskModel
@@ -40,14 +41,20 @@ def _mean(row: dict[str, float]) -> float:
     return sum(row.values()) / len(row)
 
 
-def measure_regime(pool: ModelPool, cache_dir: str | Path, targets: dict | None = None) -> dict:
-    """Measure the regime properties of ``pool`` (all of its tasks) and check ``targets``."""
+def measure_regime(
+    pool: ModelPool,
+    cache_dir: str | Path,
+    targets: dict | None = None,
+    engine: Engine | None = None,
+) -> dict:
+    """Measure the regime properties of ``pool`` (all of its tasks) and check ``targets``;
+    the evaluations run through ``engine``'s config (the CPU in fp32 without one)."""
     from mergelab.analysis.geometry import task_vector_geometry
     from mergelab.merge.weight_average import WeightAverage
 
     tasks = pool.tasks
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(out_dir=Path(tmp))
+        ctx = RunContext(out_dir=Path(tmp), trainer=(engine or Engine()).config)
         # the zero-shot and expert rows are the run's baseline rows: computed once, cached
         base = baselines(pool, ctx, cache_dir)
         zero_shot, experts = base["pretrained"], base["experts"]

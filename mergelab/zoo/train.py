@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from mergelab.engine import Engine
 from mergelab.zoo.text import CaptionSet, TextTower
 
 
@@ -144,19 +145,26 @@ class StepProgress(L.Callback):
         self.bar.close()
 
 
+def build_engine(engine: Engine | None = None) -> Engine:
+    """The engine a zoo is built with: ``engine`` (the run's) on this process alone — the
+    pool is built by one process while the others wait (:meth:`Engine.rank_zero_first`) — or,
+    without one (library use), the CPU in fp32."""
+    return (engine or Engine()).single_device()
+
+
 def fit(
-    module: L.LightningModule, loader: DataLoader, steps: int, desc: str, progress: bool
+    module: L.LightningModule,
+    loader: DataLoader,
+    steps: int,
+    desc: str,
+    progress: bool,
+    engine: Engine,
 ) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        callbacks=[StepProgress(desc)] if progress else [],
-    )
+    """Train ``module`` for ``steps`` optimiser steps through ``engine`` (its device and
+    precision); afterwards the module is back on the CPU, where the zoo's files are written."""
     if not progress:
         print(f"[mergelab zoo] {desc}: {steps} steps", flush=True)
-    trainer.fit(module, train_dataloaders=loader)
+    engine.fit(
+        module, loader, steps, logger=False, callbacks=[StepProgress(desc)] if progress else []
+    )
+    module.cpu()
