@@ -2,14 +2,15 @@
 ratio to one forward (v1) or forward + backward (v2, AdaMerging) of the merged model, on 1 or
 N CPU processes (DDP, gloo).
 
-This module is the *worker*: one invocation measures one method on one process count and,
-on rank 0, writes a json. Under DDP Lightning re-runs this same command once per extra
-process, so every process builds the same seeded random pool and joins the same steps.
-``surgery_bench`` and ``adamerging_bench`` run it as a subprocess per (method, processes),
-keep its output (Lightning's included) out of the terminal, and print one table
-(:func:`measure` / :func:`print_table`).
+With ``--method`` this module is the *worker*: one invocation measures one method on one
+process count and, on rank 0, writes a json. Under DDP Lightning re-runs this same command
+once per extra process, so every process builds the same seeded random pool and joins the
+same steps. ``surgery_bench`` and ``adamerging_bench`` run it as a subprocess per (method,
+processes), keep its output (Lightning's included) out of the terminal, and print one table
+(:func:`measure` / :func:`print_table`); so does this module without ``--method``.
 
-    python -m bench.scaling --method v2 --devices 2 --json /tmp/v2.json
+    python -m bench.scaling --method v2 --devices 2 --json /tmp/v2.json   # one worker
+    python -m bench.scaling          # the table: v1, v2 and AdaMerging on 1 and 2 processes
 
 What is timed:
 - a *step*: Lightning's ``on_train_batch_start`` → ``on_train_batch_end`` on rank 0 (forward,
@@ -311,12 +312,19 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="the worker: measure this method on --devices processes and write --json; "
+        "without it, measure every --methods on every --processes count and print the table",
+    )
+    p.add_argument("--methods", default=",".join(METHODS), help="table: methods, comma-separated")
+    p.add_argument("--processes", default="1,2", help="table: process counts, comma-separated")
     p.add_argument("--devices", type=int, default=1, help="CPU processes (DDP when > 1)")
     p.add_argument("--images", type=int, default=0, help="test images per task (0: steps × batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", action="store_true", help="also time the plain merged model")
-    p.add_argument("--json", required=True)
+    p.add_argument("--json", default=None, help="where the worker (or the table's results) go")
     p.add_argument("--size", choices=list(SIZES), default="vit-b-32")
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=2, help="images per task per step")
@@ -326,6 +334,25 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16, help="surgery rank")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     a = p.parse_args()
+    if a.method is None:
+        res = measure(
+            a.methods.split(","),
+            [int(n) for n in a.processes.split(",")],
+            size=a.size,
+            tasks=a.tasks,
+            batch_size=a.batch_size,
+            steps=a.steps,
+            warmup=a.warmup,
+            repeats=a.repeats,
+            rank=a.rank,
+            threads=a.threads,
+        )
+        print_table(res)
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2))
+        return
+    if a.json is None:
+        p.error("--method needs --json (where the worker writes its measurement)")
     a.images = a.images or (a.steps + a.warmup) * a.batch_size
     worker(a)
 
