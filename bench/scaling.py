@@ -29,7 +29,10 @@ then use N cores, and no run pays for OpenMP threads spinning on an oversubscrib
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -208,9 +211,11 @@ def measure(
     repeats: int = 3,
     rank: int = 16,
     threads: int = 1,
+    timeout: float = 1800.0,
 ) -> dict:
-    """Run the worker once per (method, process count), each in its own process(es); the
-    reference times come from the first one-process run. Returns every result and ratios."""
+    """Run the worker once per (method, process count), each in its own process(es), for at
+    most ``timeout`` seconds each; the reference times come from the first one-process run.
+    Returns every result and ratios."""
     results: dict = {"runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
@@ -224,10 +229,9 @@ def measure(
                        "--threads", str(threads), "--json", str(path)]  # fmt: skip
                 if need_ref:
                     cmd.append("--reference")
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0 or not path.exists():
-                    tail = (proc.stdout + proc.stderr)[-3000:]
-                    raise RuntimeError(f"{method} on {n} process(es) failed:\n{tail}")
+                code, output = _run_bounded(cmd, timeout)
+                if code != 0 or not path.exists():
+                    raise RuntimeError(f"{method} on {n} process(es) failed:\n{output[-3000:]}")
                 run = json.loads(path.read_text())
                 if need_ref:
                     results["reference"] = run.pop("reference")
@@ -242,6 +246,32 @@ def measure(
             run["whole_run_ratio"] = run["whole_run_per_step_s"] / ref[REFERENCE[run["method"]]]
             run["cpu_ratio"] = run["step_cpu_s"] / ref[REFERENCE[run["method"]] + "_cpu"]
     return results
+
+
+def _run_bounded(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """Run ``cmd`` with its output captured; past ``timeout`` seconds (or when this process is
+    interrupted) its whole process group is killed — a DDP worker's extra processes too, which
+    its own session keeps out of the terminal's signals — and the exit code is -9."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        output, _ = proc.communicate()
+        return -9, f"{output}\n(killed after {timeout:.0f} s)"
+    except BaseException:
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+    _kill_group(proc.pid)  # a DDP process left behind by a failed worker
+    return proc.returncode, output
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def print_table(results: dict) -> None:
@@ -333,6 +363,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="reference timings")
     p.add_argument("--rank", type=int, default=16, help="surgery rank")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--timeout", type=float, default=1800, help="table: seconds per run at most")
     a = p.parse_args()
     if a.method is None:
         res = measure(
@@ -346,6 +377,7 @@ def main() -> None:
             repeats=a.repeats,
             rank=a.rank,
             threads=a.threads,
+            timeout=a.timeout,
         )
         print_table(res)
         if a.json:
