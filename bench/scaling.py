@@ -274,6 +274,14 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def _ratio(value: float | None, width: int) -> str:
+    """A ratio for the table; small ones (v1's step on cached features) keep 2 significant
+    digits instead of reading 0.00x."""
+    if value is None:
+        return f"{'-':>{width + 1}}"
+    return f"{value:{width}.2f}x" if value >= 0.1 else f"{value:{width}.2g}x"
+
+
 def print_table(results: dict) -> None:
     runs = results["runs"]
     if not runs:
@@ -292,9 +300,9 @@ def print_table(results: dict) -> None:
             f"{'speed-up':>9}")  # fmt: skip
     print(head)
     for r in runs:
-        ratio = f"{r['ratio']:7.2f}x" if "ratio" in r else f"{'-':>8}"
-        run_ratio = f"{r['whole_run_ratio']:9.2f}x" if "whole_run_ratio" in r else f"{'-':>10}"
-        cpu_ratio = f"{r['cpu_ratio']:9.2f}x" if "cpu_ratio" in r else f"{'-':>10}"
+        ratio, run_ratio, cpu_ratio = (
+            _ratio(r.get(k), w) for k, w in (("ratio", 7), ("whole_run_ratio", 9), ("cpu_ratio", 9))
+        )
         print(f"  {r['method']:<11}{r['processes']:>6}{r['threads_per_process']:>8}"
               f"{r['step_s'] * 1e3:>10.1f}{ratio}  {r.get('reference_kind', ''):<17}"
               f"{r['step_cpu_s'] * 1e3:>9.1f}{cpu_ratio}"
