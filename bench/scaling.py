@@ -333,15 +333,21 @@ def run_scaling(methods: list[str], a: argparse.Namespace) -> dict | None:
     """Measure and print the table from :func:`add_scaling_arguments`' options."""
     if a.skip_scaling:
         return None
-    res = measure(
+    return table(
         methods,
-        [int(n) for n in str(a.processes).split(",")],
+        a.processes,
         size=a.scaling_size,
         tasks=a.scaling_tasks,
         batch_size=a.scaling_batch,
         steps=a.scaling_steps,
         warmup=a.scaling_warmup,
     )
+
+
+def table(methods: list[str], processes: str | int, **options) -> dict:
+    """:func:`measure` ``methods`` on every comma-separated count in ``processes`` (other
+    arguments as :func:`measure`'s) and print the table; returns the measurements."""
+    res = measure(methods, [int(n) for n in str(processes).split(",")], **options)
     print_table(res)
     return res
 
@@ -374,9 +380,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800, help="table: seconds per run at most")
     a = p.parse_args()
     if a.method is None:
-        res = measure(
+        res = table(
             a.methods.split(","),
-            [int(n) for n in a.processes.split(",")],
+            a.processes,
             size=a.size,
             tasks=a.tasks,
             batch_size=a.batch_size,
@@ -387,7 +393,6 @@ def main() -> None:
             threads=a.threads,
             timeout=a.timeout,
         )
-        print_table(res)
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))
         return
