@@ -216,6 +216,35 @@ def test_reference_mode_is_bitwise_the_reference(n_tasks, flip):
     assert gamma.sum() != 0  # and flip=True mirrors it: both majority signs are exercised
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_reference_mode_is_bitwise_at_signed_zeros_and_subnormal_thresholds(reduce):
+    """θ0 holds −0.0 and +0.0 where every expert agrees with it (merged Σ = +0, so the
+    reference writes +0 over θ0's −0); task vectors of subnormal size put the trim threshold
+    on a subnormal (and on 0 with k = 0.9), with ties at it; negative entries trimmed away
+    are −0 in the reference's task vectors."""
+    g = torch.Generator().manual_seed(7)
+    tiny = torch.finfo(torch.float32).smallest_normal
+    p = {"w": torch.randn(600, generator=g), "z": torch.zeros(40)}
+    p["w"][:50] = -0.0
+    p["z"][::2] = -0.0
+    experts = {}
+    for t in range(5):
+        tau = torch.randint(-4, 5, (600,), generator=g).float() * tiny / 8  # subnormal grid
+        tau[:50] = 0.0
+        tau[50:80] = torch.randn(30, generator=g)  # a few normal-sized entries
+        experts[f"t{t}"] = {"w": p["w"] + tau, "z": p["z"].clone()}
+    for k in (0.1, 0.5, 0.9):
+        want, want_vec = reference_ties(p, experts, k, 0.3, reduce)
+        got = Ties(k=k, scaling=0.3, reduce=reduce).merge(p, experts)
+        assert_bitwise(got, want)
+        assert torch.signbit(got["w"][:50]).logical_not().all()  # +0, not θ0's −0
+        got_vec = ties_task_vectors(p, experts, k=k)
+        for t in experts:
+            assert_bitwise(got_vec[t], want_vec[t])
+    tau = torch.stack([e["w"] - p["w"] for e in experts.values()])
+    assert ops.trim_threshold(tau[0].abs(), 0.5) < tiny  # the threshold is subnormal
+
+
 def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monkeypatch):
     """Many chunks per tensor, two worker threads, and the sampled-bracket selection (plus its
     exact fallback when the bracket misses) change nothing."""

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,6 +119,11 @@ def _check_trim(scope: str, mode: str, extra_zeros: int) -> tuple[str, str, int]
     return scope, mode, int(extra_zeros)
 
 
+def _below(x: float) -> float:
+    """The largest float32 below ``x`` (a float32 value): |τ| > it ⟺ |τ| ≥ x in float32."""
+    return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
+
+
 @dataclass
 class _Chunk:
     """One parameter in pass 2: what every chunk of it needs."""
@@ -127,6 +133,7 @@ class _Chunk:
     b: Tensor  # θ0, flat float32
     vs: list[Tensor]  # θt, flat float32
     thr: Tensor  # (T, 1) trim thresholds
+    shrink: list[float]  # per task, the float32 just below its threshold (hardshrink's λ)
     res: Tensor | None  # merged output (flat) or None
     vec: list[Tensor] | None  # per-task selected entries (flat) or None
     reduce: str
@@ -230,14 +237,16 @@ class _TiesRun:
                     self._checked(t, key, v, base).reshape(-1).float()
                     for t, v in zip(self.tasks, vals)
                 ]
-                thr = torch.tensor(self._key_thresholds(key, b, vs)).view(T, 1)
+                thresholds = self._key_thresholds(key, b, vs)
+                thr = torch.tensor(thresholds).view(T, 1)
+                shrink = [_below(x) for x in thresholds]
                 n = b.numel()
                 res = None
                 if results is not None:
                     res = self.scratch.pop(key, None)
                     res = torch.empty(n) if res is None else res
                 vec = [torch.empty(n) for _ in range(T)] if vectors is not None else None
-                job = _Chunk(key, self.start[key], b, vs, thr, res, vec, reduce, scaling)
+                job = _Chunk(key, self.start[key], b, vs, thr, shrink, res, vec, reduce, scaling)
                 spans = [(lo, min(n, lo + width)) for lo in range(0, n, width)]
                 for part in pool.map(
                     lambda span, job=job: self._chunk(job, *span, local, width), spans
@@ -253,49 +262,54 @@ class _TiesRun:
 
     def _chunk(self, job: _Chunk, lo: int, hi: int, local, width: int):
         """Trim → elect (zero sums: +1 for now) → disjoint merge on columns lo..hi of one
-        parameter, in the reference's arithmetic (same products, same order of additions).
-        Returns this chunk's Σ γ and its deferred columns."""
+        parameter, with the reference's sums (same terms, same order of additions) in five
+        passes over the (T, m) block, all with float outputs (torch's bool-valued ops are
+        several times slower). Returns this chunk's Σ γ and its deferred columns."""
         T, m = len(self.tasks), hi - lo
         if not hasattr(local, "ws"):  # per-thread workspace, cache-sized
-            local.ws = [torch.empty(T * width) for _ in range(3)] + [
-                torch.empty(width) for _ in range(3)
-            ]
-        W1, W2, M, S, G, R = local.ws
-        trimmed, kept = W1[: T * m].view(T, m), W2[: T * m].view(T, m)
-        mask, s, g, r = M[: T * m].view(T, m), S[:m], G[:m], R[:m]
+            local.ws = (torch.empty(T * width), torch.empty(T * width), torch.empty(5, width))
+        W, U, M = local.ws
+        trimmed, u = W[: T * m].view(T, m), U[: T * m].view(T, m)
+        s, g, r, z, c = (row[:m] for row in M)
+        b = job.b[lo:hi]
         column = job.start + lo
         for t in range(T):
-            torch.sub(job.vs[t][lo:hi], job.b[lo:hi], out=trimmed[t])
-        torch.abs(trimmed, out=mask)
-        mask.ge_(job.thr)
-        trimmed.mul_(mask)  # τ̂ = τ · 1{|τ| ≥ s}, the reference's product
+            torch.sub(job.vs[t][lo:hi], b, out=trimmed[t])
+            # τ·1{|τ| ≥ s_t} in one pass: hardshrink keeps |τ| > λ, and λ is the float32 just
+            # below s_t. Its zeros are +0 where the reference's product gives −0 for τ < 0: no
+            # sum sees the difference (they start from +0), the task vectors copy τ's sign
+            torch.hardshrink(trimmed[t], job.shrink[t], out=trimmed[t])
         ops.column_sum(trimmed, s, self.total, column)
-        gamma = 0
-        if self.mode == "reference":
-            torch.sign(s, out=g)
-            gamma = int(g.sum())  # exact: |Σ| ≤ width < 2^24
-        torch.ge(s, 0, out=g)
-        g.mul_(2).sub_(1)  # sgn(Σ τ̂), with +1 where it is 0 (provisional; see _finish)
-        torch.mul(trimmed, g, out=mask)
-        mask.gt_(0)  # the entry's sign is γ
-        torch.mul(trimmed, mask, out=kept)
-        ops.column_sum(kept, r, self.total, column)
+        torch.sign(s, out=g)
+        gamma = int(g.sum()) if self.mode == "reference" else 0  # exact: |Σ| ≤ m < 2^24
+        torch.eq(s, 0, out=z)
+        g.add_(z)  # γ = sgn(Σ τ̂), +1 where it is 0 (provisional; see _finish)
+        # |τ̂| where the entry's sign is γ, else 0: the reference's selected entries times γ,
+        # so their sum in the same order is γ·(the reference's sum), negation being exact
+        torch.mul(trimmed, g, out=u)
+        u.relu_()
+        ops.column_sum(u, r, self.total, column)
         deferred = []
         if self.mode == "reference":
             # γ = 0 although something was kept: the entries cancelled exactly
-            live = torch.nonzero((s == 0) & (r != 0)).squeeze(1)
-            if live.numel():
-                deferred.append(
-                    _Deferred(job.key, lo + live, column + live, trimmed[:, live].clone())
-                )
+            z.mul_(r)
+            if float(z.max()) > 0:
+                live = torch.nonzero(z).squeeze(1)
+                tau = torch.stack([job.vs[t][lo + live] - b[live] for t in range(T)])
+                trim = tau * (tau.abs() >= job.thr)  # the reference's product, −0 included
+                deferred.append(_Deferred(job.key, lo + live, column + live, trim))
         if job.vec is not None:
-            for t in range(T):
-                job.vec[t][lo:hi].copy_(kept[t])
+            for t in range(T):  # the reference's zeros carry τ's sign: copy it from τ
+                torch.sub(job.vs[t][lo:hi], b, out=c)
+                torch.copysign(u[t], c, out=job.vec[t][lo:hi])
         if job.res is not None:
+            # γ·Σ|kept| = Σ kept. Never −0: γ = −1 means some kept entry is < 0, so Σ|kept| > 0
+            r.mul_(g)
             if job.reduce == "mean":
-                r.div_(mask.sum(0).clamp_(min=1))
-            torch.mul(r, job.scaling, out=r)
-            torch.add(job.b[lo:hi], r, out=job.res[lo:hi])
+                torch.sum(u.sign_(), dim=0, out=c)  # how many entries were kept
+                r.div_(c.clamp_(min=1))
+            r.mul_(job.scaling)
+            torch.add(b, r, out=job.res[lo:hi])
         return gamma, deferred
 
     def _checked(self, task: str, key: str, v: Tensor, base: Tensor) -> Tensor:
