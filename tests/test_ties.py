@@ -4,6 +4,8 @@ straightforward re-implementation of the authors' reference code (flatten everyt
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -262,6 +264,60 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
     finally:
         torch.set_num_threads(n)
     assert torch.get_num_threads() == n  # the merge restores the thread setting
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_mode_is_bitwise_on_files_read_in_slices(tmp_path, monkeypatch, dtype):
+    """Experts as lazy safetensors files (read slice by slice into each chunk's memory; a
+    float16 file through its own buffer) next to one in memory, many chunks in both passes,
+    two threads: bit for bit the reference on the same weights."""
+    from mergelab.pool.state import LazyStateDict, save_state_dict
+
+    p, e = random_pool(4, seed=13, shapes=((300, 17), (2000,), (4, 5, 6), (1,)))
+    e = {t: {k: v.to(dtype).float() for k, v in sd.items()} for t, sd in e.items()}
+    want, want_vec = reference_ties(p, e, 0.3, 0.4, "mean", extra_zeros=50)
+    mixed = {}
+    for i, (t, sd) in enumerate(e.items()):
+        if i == 2:
+            mixed[t] = sd  # in memory
+            continue
+        save_state_dict({k: v.to(dtype) for k, v in sd.items()}, tmp_path / f"{t}.safetensors")
+        mixed[t] = LazyStateDict(tmp_path / f"{t}.safetensors")
+    monkeypatch.setattr(ties_module, "_CHUNK", 4 * 171)
+    monkeypatch.setattr(ties_module, "_FILL_CHUNK", 333)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = Ties(k=0.3, scaling=0.4, reduce="mean", extra_zeros=50).merge(p, mixed)
+        got_vec = ties_task_vectors(p, mixed, k=0.3, extra_zeros=50)
+    finally:
+        torch.set_num_threads(n)
+    assert_bitwise(got, want)
+    for t in e:
+        assert_bitwise(got_vec[t], want_vec[t])
+
+
+def test_lazy_read_into_reads_a_slice(tmp_path):
+    from mergelab.pool.state import LazyStateDict, save_state_dict
+
+    x = torch.arange(60, dtype=torch.float32).view(3, 4, 5)
+    save_state_dict({"x": x, "h": x.half()}, tmp_path / "m.safetensors")
+    sd = LazyStateDict(tmp_path / "m.safetensors")
+    out = torch.empty(7)
+    assert torch.equal(sd.read_into("x", out, 11), torch.arange(11.0, 18.0))
+    fd = os.open(sd.path, os.O_RDONLY)
+    try:
+        assert torch.equal(sd.read_into("x", torch.empty(60), 0, fd), x.view(-1))
+        assert torch.equal(
+            sd.read_into("h", torch.empty(2, dtype=torch.half), 58, fd).float(),
+            torch.tensor([58.0, 59.0]),
+        )
+    finally:
+        os.close(fd)
+    with pytest.raises(ValueError, match="float32"):
+        sd.read_into("x", torch.empty(3, dtype=torch.half))
+    with pytest.raises(ValueError, match="at most 2 elements"):
+        sd.read_into("x", torch.empty(3), 58)
 
 
 def test_per_tensor_scope_is_bitwise_the_reference_trim_per_tensor():

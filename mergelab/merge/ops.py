@@ -114,8 +114,27 @@ _BRACKET_SIGMAS = 5.0  # bracket half-width in standard deviations of the sample
 _COUNT_CHUNK = 1 << 18  # values per step of the counting pass (stays in cache)
 
 
+def sample_positions(sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:
+    """The positions :func:`kth_smallest` samples (uniform, with replacement) from segments
+    of these sizes: per segment, sorted positions within it. A caller that produces the
+    values segment by segment can gather the sample while each segment is in cache and hand
+    it to :func:`kth_smallest`. Empty below :data:`_PARTITION_BELOW` values in all."""
+    n = sum(sizes)
+    if n <= _PARTITION_BELOW:
+        return [np.empty(0, dtype=np.int64) for _ in sizes]
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.integers(0, n, size=min(n, _SAMPLE)))
+    starts = np.cumsum([0, *sizes])
+    cut = np.searchsorted(idx, starts)
+    return [idx[cut[j] : cut[j + 1]] - starts[j] for j in range(len(sizes))]
+
+
 def kth_smallest(
-    values: Tensor | Sequence[Tensor], r: int, seed: int = 0, threads: int = 1
+    values: Tensor | Sequence[Tensor],
+    r: int,
+    seed: int = 0,
+    threads: int = 1,
+    sample: np.ndarray | Tensor | None = None,
 ) -> float:
     """The ``r``-th smallest (1-indexed) element of ``values`` — exactly the value
     ``torch.kthvalue(values.flatten(), r)`` returns — in linear time and without sorting.
@@ -125,7 +144,8 @@ def kth_smallest(
     sample brackets the wanted rank (±5 standard deviations), one counting pass finds how
     many values lie below the bracket and collects the few inside it, and an introselect
     among those gives the answer. If the bracket misses (probability ≈ 1e-6) a full
-    introselect is done, so the answer is always exact. ``seed`` only fixes the sample;
+    introselect is done, so the answer is always exact. ``seed`` only fixes the sample
+    (the values at :func:`sample_positions`; ``sample`` passes them in already gathered);
     ``threads`` share the counting pass.
     """
     parts = [values] if isinstance(values, Tensor) else list(values)
@@ -136,15 +156,12 @@ def kth_smallest(
         raise ValueError(f"rank {r} is outside 1..{n}")
     if n <= _PARTITION_BELOW:
         return float(np.partition(np.concatenate(segs), r - 1)[r - 1])
-    rng = np.random.default_rng(seed)
-    s = min(n, _SAMPLE)
-    idx = np.sort(rng.integers(0, n, size=s))
-    starts = np.cumsum([0, *sizes])
-    which = np.searchsorted(starts, idx, side="right") - 1
-    sample = np.empty(s, dtype=np.float32)
-    for j in np.unique(which):
-        sel = which == j
-        sample[sel] = segs[j][idx[sel] - starts[j]]
+    if sample is None:
+        pos = sample_positions(sizes, seed)
+        sample = np.concatenate([seg[at] for seg, at in zip(segs, pos)])
+    elif isinstance(sample, Tensor):
+        sample = _as_f32_numpy(sample)
+    s = sample.size
     p = r / n
     half = _BRACKET_SIGMAS * math.sqrt(s * p * (1 - p)) + 2
     lo_i, hi_i = int(math.floor(p * s - half)), int(math.ceil(p * s + half))
@@ -199,6 +216,7 @@ def trim_threshold(
     mode: str = "reference",
     extra_zeros: int = 0,
     threads: int = 1,
+    sample: np.ndarray | Tensor | None = None,
 ) -> float:
     """TIES trim threshold s of one task vector: keep the entries with |τ| ≥ s.
 
@@ -208,7 +226,8 @@ def trim_threshold(
     tensors of task_vectors checkpoints). ``mode`` is one of :data:`TRIM_MODES`. k = 1 keeps
     everything in both modes (the reference code crashes there: it asks ``kthvalue`` for the
     0-th value). Reference mode with k = 0 keeps the largest entries only (n = 0 → s =
-    max |τ|), as the reference does.
+    max |τ|), as the reference does. ``sample``: |τ| at :func:`sample_positions` of the
+    tensors' sizes, if the caller has gathered it (see :func:`kth_smallest`).
     """
     check_trim_mode(mode)
     parts = [abs_tau] if isinstance(abs_tau, Tensor) else list(abs_tau)
@@ -229,7 +248,7 @@ def trim_threshold(
         rank = d - keep + 1
     if rank <= extra_zeros:  # the extra zeros are the smallest values
         return 0.0
-    return kth_smallest(parts, rank - int(extra_zeros), threads=threads)
+    return kth_smallest(parts, rank - int(extra_zeros), threads=threads, sample=sample)
 
 
 def magnitude_threshold(values: Tensor, k: float) -> float:

@@ -34,9 +34,12 @@ parameter per expert — independent of the number of experts beyond that parame
 from __future__ import annotations
 
 import math
+import os
 import threading
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +50,18 @@ from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
 from mergelab.merge.base import MergeMethod, StateDict, check_experts
+from mergelab.pool.state import LazyStateDict
 
 SCOPES = ("global", "per_tensor")
 REDUCES = ("sum", "mean")
 MODES = ops.TRIM_MODES
 
 _CHUNK = 1 << 19  # entries per chunk summed over all experts (T rows × _CHUNK / T columns)
+_FILL_CHUNK = 1 << 18  # entries per chunk of pass 1's |τ| fill
+
+
+def _spans(n: int, width: int) -> list[tuple[int, int]]:
+    return [(lo, min(n, lo + width)) for lo in range(0, n, width)]
 
 
 class Ties(MergeMethod):
@@ -124,6 +133,30 @@ def _below(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
 
 
+class _Source:
+    """One expert's parameter as the chunks see it: cache-sized slices read from its file
+    straight into the chunk's own memory (a lazy state dict, its file held open for the
+    pass), or the tensor itself (any other mapping, read whole)."""
+
+    def __init__(self, key: str, tensor: Tensor | None = None, sd=None, fd: int = -1):
+        self.key, self.tensor, self.sd, self.fd = key, tensor, sd, fd
+        self.dtype = tensor.dtype if tensor is not None else sd.dtype(key)
+
+    def tau(self, lo: int, hi: int, b: Tensor, out: Tensor, local) -> Tensor:
+        """``out`` ← θt − θ0 on positions lo..hi, in float32 (``b``: θ0 there, float32)."""
+        if self.tensor is not None:
+            return torch.sub(self.tensor[lo:hi].float(), b, out=out)
+        if self.dtype == torch.float32:
+            return self.sd.read_into(self.key, out, lo, self.fd).sub_(b)
+        if not hasattr(local, "raw"):
+            local.raw = {}
+        raw = local.raw.get(self.dtype)
+        if raw is None or raw.numel() < hi - lo:  # a file in another dtype: its own buffer
+            raw = local.raw[self.dtype] = torch.empty(max(hi - lo, _CHUNK), dtype=self.dtype)
+        raw = self.sd.read_into(self.key, raw[: hi - lo], lo, self.fd)
+        return torch.sub(raw.float(), b, out=out)
+
+
 @dataclass
 class _Chunk:
     """One parameter in pass 2: what every chunk of it needs."""
@@ -131,7 +164,7 @@ class _Chunk:
     key: str
     start: int  # its first column in the reference's flattened vector
     b: Tensor  # θ0, flat float32
-    vs: list[Tensor]  # θt, flat float32
+    srcs: list[_Source]  # θt
     thr: Tensor  # (T, 1) trim thresholds
     shrink: list[float]  # per task, the float32 just below its threshold (hardshrink's λ)
     res: Tensor | None  # merged output (flat) or None
@@ -175,21 +208,94 @@ class _TiesRun:
             at += self.base[key].numel()
         self.total = at
         self.gamma_sum = 0
+        self.local = threading.local()  # per worker thread: its chunk's memory
         self.thresholds: dict[str, float] | None = None
         # pass 1's |τ| scratch, one float32 tensor per key: it becomes the merged output in
         # pass 2, so the output costs no memory (nor page faults) of its own
         self.scratch: dict[str, Tensor] = {}
         if scope == "global":
-            fbase = {key: self.base[key] for key in self.float_keys}
-            self.scratch = {key: torch.empty(b.numel()) for key, b in fbase.items()}
+            self.scratch = {key: torch.empty(self.base[key].numel()) for key in self.float_keys}
+            positions = ops.sample_positions([x.numel() for x in self.scratch.values()])
+            self.sample_at = {
+                key: torch.from_numpy(at) for key, at in zip(self.float_keys, positions)
+            }
             self.thresholds = {}
-            for task in self.tasks:
-                ops.fill_abs_task_vector(
-                    self.scratch, fbase, self.experts[task], task, self.workers
-                )
-                self.thresholds[task] = ops.trim_threshold(
-                    list(self.scratch.values()), self.k, self.mode, self.extra_zeros, self.workers
-                )
+            with ThreadPoolExecutor(self.workers) as pool:
+                for task in self.tasks:
+                    with self._opened([task]) as (fd,):
+                        sample = self._fill(task, fd, pool)
+                    self.thresholds[task] = ops.trim_threshold(
+                        list(self.scratch.values()),
+                        self.k,
+                        self.mode,
+                        self.extra_zeros,
+                        self.workers,
+                        sample=sample,
+                    )
+
+    @contextmanager
+    def _opened(self, tasks: list[str]) -> Iterator[list[int | None]]:
+        """Per task, its file held open for sliced reads (a lazy state dict, global scope:
+        per-tensor thresholds need whole tensors), else None."""
+        fds: list[int | None] = []
+        try:
+            for task in tasks:
+                sd = self.experts[task]
+                sliced = self.scope == "global" and isinstance(sd, LazyStateDict)
+                fds.append(os.open(sd.path, os.O_RDONLY) if sliced else None)
+            yield fds
+        finally:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+
+    def _source(self, task: str, key: str, v: Tensor | None, fd: int | None) -> _Source:
+        base = self.base[key]
+        if fd is None:
+            self._check_shape(task, key, v.shape, base)
+            return _Source(key, tensor=v.reshape(-1))
+        sd = self.experts[task]
+        self._check_shape(task, key, sd.shape(key), base)
+        return _Source(key, sd=sd, fd=fd)
+
+    def _fill(self, task: str, fd: int | None, pool: ThreadPoolExecutor) -> Tensor:
+        """Pass 1 for one task: |θt − θ0| into the scratch, in cache-sized chunks on the
+        workers, each chunk read, differenced, made absolute and checked for non-finite
+        values while in cache; returns the selection's sample, gathered per tensor."""
+
+        def chunk(key: str, src: _Source, b: Tensor, lo: int, hi: int) -> None:
+            dst = self.scratch[key][lo:hi]
+            src.tau(lo, hi, b[lo:hi], dst, self.local).abs_()
+            if not math.isfinite(float(dst.max())):  # max propagates NaN
+                bad = not torch.isfinite(b).all()
+                who = "pretrained" if bad else f"expert {task!r}"
+                raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+
+        samples: list[Tensor] = []
+        pending: deque = deque()
+
+        def finish(key: str, futures: list) -> None:
+            for fut in futures:
+                fut.result()
+            samples.append(self.scratch[key][self.sample_at[key]])
+
+        sd = self.experts[task]
+        reads = (
+            ops.prefetched((key, sd[key]) for key in self.float_keys)
+            if fd is None
+            else ((key, None) for key in self.float_keys)
+        )
+        for key, v in reads:
+            src = self._source(task, key, v, fd)
+            b = self.base[key].reshape(-1).float()
+            n = b.numel()
+            futures = [pool.submit(chunk, key, src, b, lo, hi) for lo, hi in _spans(n, _FILL_CHUNK)]
+            pending.append((key, futures))
+            if len(pending) > 1:  # two tensors in flight: the workers never wait for a read
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
+        return torch.cat(samples)
 
     def merge(self, reduce: str, scaling: float) -> StateDict:
         results: dict[str, Tensor] = {}
@@ -215,14 +321,20 @@ class _TiesRun:
 
     def _stream(self, reduce, scaling, results, vectors) -> list[_Deferred]:
         """Pass 2: per parameter, its chunks go to ``workers`` threads (each op inside runs
-        single-threaded; the chunks are independent), while the next parameter is read."""
+        single-threaded; the chunks are independent), each chunk reading its own slices."""
         T = len(self.tasks)
         width = max(1, _CHUNK // T)
         deferred: list[_Deferred] = []
-        local = threading.local()
-        reads = ((key, [self.experts[t][key] for t in self.tasks]) for key in sorted(self.base))
-        with ThreadPoolExecutor(self.workers) as pool:
-            for key, vals in ops.prefetched(reads):
+        with self._opened(self.tasks) as fds, ThreadPoolExecutor(self.workers) as pool:
+            states = [self.experts[t] for t in self.tasks]
+
+            def whole(key: str) -> list[Tensor | None]:  # what cannot be read in slices
+                sliced = self.base[key].is_floating_point()
+                return [
+                    None if fd is not None and sliced else sd[key] for sd, fd in zip(states, fds)
+                ]
+
+            for key, vals in ops.prefetched((key, whole(key)) for key in sorted(self.base)):
                 base = self.base[key]
                 if not base.is_floating_point():
                     for task, v in zip(self.tasks, vals):
@@ -233,11 +345,8 @@ class _TiesRun:
                             )
                     continue
                 b = base.reshape(-1).float()
-                vs = [
-                    self._checked(t, key, v, base).reshape(-1).float()
-                    for t, v in zip(self.tasks, vals)
-                ]
-                thresholds = self._key_thresholds(key, b, vs)
+                srcs = [self._source(t, key, v, fd) for t, v, fd in zip(self.tasks, vals, fds)]
+                thresholds = self._key_thresholds(key, b, srcs)
                 thr = torch.tensor(thresholds).view(T, 1)
                 shrink = [_below(x) for x in thresholds]
                 n = b.numel()
@@ -246,10 +355,9 @@ class _TiesRun:
                     res = self.scratch.pop(key, None)
                     res = torch.empty(n) if res is None else res
                 vec = [torch.empty(n) for _ in range(T)] if vectors is not None else None
-                job = _Chunk(key, self.start[key], b, vs, thr, shrink, res, vec, reduce, scaling)
-                spans = [(lo, min(n, lo + width)) for lo in range(0, n, width)]
+                job = _Chunk(key, self.start[key], b, srcs, thr, shrink, res, vec, reduce, scaling)
                 for part in pool.map(
-                    lambda span, job=job: self._chunk(job, *span, local, width), spans
+                    lambda span, job=job: self._chunk(job, *span, width), _spans(n, width)
                 ):
                     self.gamma_sum += part[0]
                     deferred.extend(part[1])
@@ -260,12 +368,13 @@ class _TiesRun:
                         vectors[task][key] = vec[t]
         return deferred
 
-    def _chunk(self, job: _Chunk, lo: int, hi: int, local, width: int):
+    def _chunk(self, job: _Chunk, lo: int, hi: int, width: int):
         """Trim → elect (zero sums: +1 for now) → disjoint merge on columns lo..hi of one
         parameter, with the reference's sums (same terms, same order of additions) in five
         passes over the (T, m) block, all with float outputs (torch's bool-valued ops are
         several times slower). Returns this chunk's Σ γ and its deferred columns."""
         T, m = len(self.tasks), hi - lo
+        local = self.local
         if not hasattr(local, "ws"):  # per-thread workspace, cache-sized
             local.ws = (torch.empty(T * width), torch.empty(T * width), torch.empty(5, width))
         W, U, M = local.ws
@@ -274,7 +383,7 @@ class _TiesRun:
         b = job.b[lo:hi]
         column = job.start + lo
         for t in range(T):
-            torch.sub(job.vs[t][lo:hi], b, out=trimmed[t])
+            job.srcs[t].tau(lo, hi, b, trimmed[t], local)
             # τ·1{|τ| ≥ s_t} in one pass: hardshrink keeps |τ| > λ, and λ is the float32 just
             # below s_t. Its zeros are +0 where the reference's product gives −0 for τ < 0: no
             # sum sees the difference (they start from +0), the task vectors copy τ's sign
@@ -295,12 +404,15 @@ class _TiesRun:
             z.mul_(r)
             if float(z.max()) > 0:
                 live = torch.nonzero(z).squeeze(1)
-                tau = torch.stack([job.vs[t][lo + live] - b[live] for t in range(T)])
+                tau = torch.empty(T, m)
+                for t in range(T):
+                    job.srcs[t].tau(lo, hi, b, tau[t], local)
+                tau = tau[:, live]
                 trim = tau * (tau.abs() >= job.thr)  # the reference's product, −0 included
                 deferred.append(_Deferred(job.key, lo + live, column + live, trim))
         if job.vec is not None:
             for t in range(T):  # the reference's zeros carry τ's sign: copy it from τ
-                torch.sub(job.vs[t][lo:hi], b, out=c)
+                job.srcs[t].tau(lo, hi, b, c, local)
                 torch.copysign(u[t], c, out=job.vec[t][lo:hi])
         if job.res is not None:
             # γ·Σ|kept| = Σ kept. Never −0: γ = −1 means some kept entry is < 0, so Σ|kept| > 0
@@ -312,20 +424,19 @@ class _TiesRun:
             torch.add(b, r, out=job.res[lo:hi])
         return gamma, deferred
 
-    def _checked(self, task: str, key: str, v: Tensor, base: Tensor) -> Tensor:
-        if v.shape != base.shape:
+    def _check_shape(self, task: str, key: str, shape, base: Tensor) -> None:
+        if tuple(shape) != tuple(base.shape):
             raise CheckpointError(
-                f"expert {task!r}: key {key!r} has shape {tuple(v.shape)}, "
+                f"expert {task!r}: key {key!r} has shape {tuple(shape)}, "
                 f"pretrained has {tuple(base.shape)}"
             )
-        return v
 
-    def _key_thresholds(self, key: str, b: Tensor, vs: list[Tensor]) -> list[float]:
+    def _key_thresholds(self, key: str, b: Tensor, srcs: list[_Source]) -> list[float]:
         if self.thresholds is not None:
             return [self.thresholds[t] for t in self.tasks]
         out = []
-        for task, v in zip(self.tasks, vs):
-            a = (v - b).abs_()
+        for task, src in zip(self.tasks, srcs):  # per-tensor scope: whole tensors
+            a = (src.tensor.float() - b).abs_()
             if a.numel() and not math.isfinite(float(a.max())):
                 who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
                 raise CheckpointError(f"{who}: key {key!r} holds non-finite values")

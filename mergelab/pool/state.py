@@ -4,6 +4,7 @@ is what the caller holds), atomic writing, and strict loading with a named first
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -64,6 +65,38 @@ class LazyStateDict(Mapping[str, Tensor]):
                 got = f.readinto(memoryview(buf))
             if got != end - start:
                 raise CheckpointError(f"{self.path} is truncated at tensor {key!r}")
+        return out
+
+    def read_into(self, key: str, out: Tensor, start: int = 0, fd: int | None = None) -> Tensor:
+        """Elements ``start .. start + out.numel()`` of the flattened tensor ``key``, read into
+        ``out`` (contiguous, the tensor's dtype) and returned. Streamed merges read
+        cache-sized slices into memory they reuse: a fresh tensor per read costs a page
+        fault per 4 KiB and a trip through main memory. ``fd``: this file opened by the
+        caller (``os.open(sd.path, os.O_RDONLY)``) for many reads; positional reads, safe
+        from several threads."""
+        try:
+            info = self._header[key]
+        except KeyError:
+            raise KeyError(f"{key!r} not in {self.path}") from None
+        dtype, numel = _DTYPES[info["dtype"]], math.prod(info["shape"])
+        if out.dtype != dtype or not out.is_contiguous() or not 0 <= start <= numel - out.numel():
+            raise ValueError(
+                f"read_into {key!r}: needs a contiguous {dtype} tensor of at most "
+                f"{numel - start} elements from element {start}, got {out.dtype} with "
+                f"{out.numel()}"
+            )
+        if not out.numel():
+            return out
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        at = self._offset + info["data_offsets"][0] + start * out.element_size()
+        if fd is None:
+            with open(self.path, "rb") as f:
+                f.seek(at)
+                got = f.readinto(buf)
+        else:
+            got = os.preadv(fd, [buf], at)
+        if got != buf.nbytes:
+            raise CheckpointError(f"{self.path} is truncated at tensor {key!r}")
         return out
 
     def shape(self, key: str) -> tuple[int, ...]:
