@@ -17,7 +17,8 @@ from mergelab.merge.ties import Ties, ties_task_vectors
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(torch.int32)
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return x.contiguous().view(as_int[x.element_size()])
 
 
 def assert_bitwise(got: dict, want: dict) -> None:
@@ -267,22 +268,37 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_reference_mode_is_bitwise_on_files_read_in_slices(tmp_path, monkeypatch, dtype):
-    """Experts as lazy safetensors files (read slice by slice into each chunk's memory; a
-    float16 file through its own buffer) next to one in memory, many chunks in both passes,
-    two threads: bit for bit the reference on the same weights."""
+@pytest.mark.parametrize("lazy_theta0", [False, True])
+def test_reference_mode_is_bitwise_on_files_read_in_slices(
+    tmp_path, monkeypatch, dtype, lazy_theta0
+):
+    """Experts (and θ0) as lazy safetensors files, read slice by slice into each chunk's
+    memory (a float16 file through its own buffer), next to one expert in memory; many
+    chunks in both passes, two threads: bit for bit the reference on the same weights."""
     from mergelab.pool.state import LazyStateDict, save_state_dict
 
     p, e = random_pool(4, seed=13, shapes=((300, 17), (2000,), (4, 5, 6), (1,)))
-    e = {t: {k: v.to(dtype).float() for k, v in sd.items()} for t, sd in e.items()}
-    want, want_vec = reference_ties(p, e, 0.3, 0.4, "mean", extra_zeros=50)
+    p["step"] = torch.tensor(3)  # a non-float buffer: equal everywhere, passed through
+    e = {
+        t: {k: v.to(dtype) if v.is_floating_point() else p[k] for k, v in sd.items()}
+        for t, sd in e.items()
+    }
+    for sd in e.values():
+        sd["step"] = torch.tensor(3)
+    if lazy_theta0:
+        p = {k: v.to(dtype) if v.is_floating_point() else v for k, v in p.items()}
+    as32 = {t: {k: v.float() for k, v in sd.items() if k != "step"} for t, sd in e.items()}
+    want, want_vec = reference_ties(
+        {k: v.float() for k, v in p.items() if k != "step"}, as32, 0.3, 0.4, "mean", 50
+    )
+    want = {k: v.to(p[k].dtype) for k, v in want.items()} | {"step": p["step"]}
     mixed = {}
     for i, (t, sd) in enumerate(e.items()):
-        if i == 2:
-            mixed[t] = sd  # in memory
-            continue
-        save_state_dict({k: v.to(dtype) for k, v in sd.items()}, tmp_path / f"{t}.safetensors")
-        mixed[t] = LazyStateDict(tmp_path / f"{t}.safetensors")
+        save_state_dict(sd, tmp_path / f"{t}.safetensors")
+        mixed[t] = sd if i == 2 else LazyStateDict(tmp_path / f"{t}.safetensors")
+    if lazy_theta0:
+        save_state_dict(p, tmp_path / "p.safetensors")
+        p = LazyStateDict(tmp_path / "p.safetensors")
     monkeypatch.setattr(ties_module, "_CHUNK", 4 * 171)
     monkeypatch.setattr(ties_module, "_FILL_CHUNK", 333)
     n = torch.get_num_threads()

@@ -37,9 +37,8 @@ import math
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +48,7 @@ from torch import Tensor
 from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
-from mergelab.merge.base import MergeMethod, StateDict, check_experts
+from mergelab.merge.base import MergeMethod, StateDict, check_experts, tensor_meta
 from mergelab.pool.state import LazyStateDict
 
 SCOPES = ("global", "per_tensor")
@@ -90,10 +89,10 @@ class Ties(MergeMethod):
         self, pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
     ) -> StateDict:
         workers = torch.get_num_threads()
-        with ops.one_thread():
-            run = _TiesRun(
-                pretrained, experts, self.k, self.scope, self.mode, self.extra_zeros, workers
-            )
+        run = _TiesRun(
+            pretrained, experts, self.k, self.scope, self.mode, self.extra_zeros, workers
+        )
+        with ops.one_thread(), run:
             out = run.merge(self.reduce, self.scaling)
         self.merged_keys = [key for key in pretrained.keys() if key in run.float_keys]
         return out
@@ -113,8 +112,9 @@ def ties_task_vectors(
     validate.fraction("ties k", k)
     scope, mode, extra_zeros = _check_trim(scope, mode, extra_zeros)
     workers = torch.get_num_threads()
-    with ops.one_thread():
-        return _TiesRun(pretrained, experts, k, scope, mode, extra_zeros, workers).task_vectors()
+    run = _TiesRun(pretrained, experts, k, scope, mode, extra_zeros, workers)
+    with ops.one_thread(), run:
+        return run.task_vectors()
 
 
 def _check_trim(scope: str, mode: str, extra_zeros: int) -> tuple[str, str, int]:
@@ -134,27 +134,38 @@ def _below(x: float) -> float:
 
 
 class _Source:
-    """One expert's parameter as the chunks see it: cache-sized slices read from its file
-    straight into the chunk's own memory (a lazy state dict, its file held open for the
-    pass), or the tensor itself (any other mapping, read whole)."""
+    """One parameter of a state dict as the chunks see it: cache-sized slices read from its
+    file straight into the chunk's own memory (a lazy state dict, its file held open for the
+    run), or the tensor itself (any other mapping, or per-tensor scope: read whole)."""
 
     def __init__(self, key: str, tensor: Tensor | None = None, sd=None, fd: int = -1):
         self.key, self.tensor, self.sd, self.fd = key, tensor, sd, fd
         self.dtype = tensor.dtype if tensor is not None else sd.dtype(key)
 
+    def read(self, lo: int, hi: int, out: Tensor, local) -> Tensor:
+        """θ on positions lo..hi in float32: ``out`` filled, or a view of the tensor."""
+        if self.tensor is not None:
+            part = self.tensor[lo:hi]
+            return part if part.dtype == torch.float32 else out.copy_(part)
+        if self.dtype == torch.float32:
+            return self.sd.read_into(self.key, out, lo, self.fd)
+        raw = _buffer(local, "raw", hi - lo, self.dtype)  # a file in another dtype
+        return out.copy_(self.sd.read_into(self.key, raw, lo, self.fd))
+
     def tau(self, lo: int, hi: int, b: Tensor, out: Tensor, local) -> Tensor:
-        """``out`` ← θt − θ0 on positions lo..hi, in float32 (``b``: θ0 there, float32)."""
+        """``out`` ← θ − θ0 on positions lo..hi, in float32 (``b``: θ0 there, float32)."""
         if self.tensor is not None:
             return torch.sub(self.tensor[lo:hi].float(), b, out=out)
-        if self.dtype == torch.float32:
-            return self.sd.read_into(self.key, out, lo, self.fd).sub_(b)
-        if not hasattr(local, "raw"):
-            local.raw = {}
-        raw = local.raw.get(self.dtype)
-        if raw is None or raw.numel() < hi - lo:  # a file in another dtype: its own buffer
-            raw = local.raw[self.dtype] = torch.empty(max(hi - lo, _CHUNK), dtype=self.dtype)
-        raw = self.sd.read_into(self.key, raw[: hi - lo], lo, self.fd)
-        return torch.sub(raw.float(), b, out=out)
+        return self.read(lo, hi, out, local).sub_(b)
+
+
+def _buffer(local, name: str, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A worker thread's own buffer of at least ``n`` elements (grown, never shrunk)."""
+    bufs = local.__dict__.setdefault("bufs", {})
+    buf = bufs.get((name, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(name, dtype)] = torch.empty(max(n, _CHUNK), dtype=dtype)
+    return buf[:n]
 
 
 @dataclass
@@ -163,7 +174,7 @@ class _Chunk:
 
     key: str
     start: int  # its first column in the reference's flattened vector
-    b: Tensor  # θ0, flat float32
+    base: _Source  # θ0
     srcs: list[_Source]  # θt
     thr: Tensor  # (T, 1) trim thresholds
     shrink: list[float]  # per task, the float32 just below its threshold (hardshrink's λ)
@@ -186,89 +197,96 @@ class _Deferred:
 
 
 class _TiesRun:
-    """One TIES computation over a pool: thresholds (pass 1), then the streamed merge."""
+    """One TIES computation over a pool: thresholds (pass 1), then the streamed merge
+    (pass 2). A context manager: the files of lazy state dicts, read in slices, stay open
+    until it exits."""
 
     def __init__(
         self, pretrained, experts, k: float, scope: str, mode: str, extra_zeros: int, workers: int
     ):
         check_experts(pretrained, experts)
         self.workers = max(1, int(workers))
-        self.experts = experts
+        self.pretrained, self.experts = pretrained, experts
         self.tasks = list(experts)
         self.k, self.scope, self.mode = k, scope, mode
-        self.base = {key: pretrained[key] for key in pretrained.keys()}  # θ0 read once
+        self.meta = {key: tensor_meta(pretrained, key) for key in pretrained.keys()}
         # the reference flattens the state dict in sorted key order; extra zeros (text-side
         # keys) sort before the visual ones
-        self.float_keys = [key for key in sorted(self.base) if self.base[key].is_floating_point()]
+        self.float_keys = [key for key in sorted(self.meta) if self.meta[key][1].is_floating_point]
         self.extra_zeros = extra_zeros
         self.start: dict[str, int] = {}
         at = extra_zeros
         for key in self.float_keys:
             self.start[key] = at
-            at += self.base[key].numel()
+            at += math.prod(self.meta[key][0])
         self.total = at
         self.gamma_sum = 0
         self.local = threading.local()  # per worker thread: its chunk's memory
+        self.fds: dict[int, int] = {}
+        # θ0 whole in memory unless it is read in slices like the experts
+        self.base = None if self._sliced(pretrained) else dict(pretrained.items())
         self.thresholds: dict[str, float] | None = None
         # pass 1's |τ| scratch, one float32 tensor per key: it becomes the merged output in
         # pass 2, so the output costs no memory (nor page faults) of its own
         self.scratch: dict[str, Tensor] = {}
-        if scope == "global":
-            self.scratch = {key: torch.empty(self.base[key].numel()) for key in self.float_keys}
-            positions = ops.sample_positions([x.numel() for x in self.scratch.values()])
-            self.sample_at = {
-                key: torch.from_numpy(at) for key, at in zip(self.float_keys, positions)
-            }
-            self.thresholds = {}
-            with ThreadPoolExecutor(self.workers) as pool:
-                for task in self.tasks:
-                    with self._opened([task]) as (fd,):
-                        sample = self._fill(task, fd, pool)
-                    self.thresholds[task] = ops.trim_threshold(
-                        list(self.scratch.values()),
-                        self.k,
-                        self.mode,
-                        self.extra_zeros,
-                        self.workers,
-                        sample=sample,
-                    )
 
-    @contextmanager
-    def _opened(self, tasks: list[str]) -> Iterator[list[int | None]]:
-        """Per task, its file held open for sliced reads (a lazy state dict, global scope:
-        per-tensor thresholds need whole tensors), else None."""
-        fds: list[int | None] = []
-        try:
-            for task in tasks:
-                sd = self.experts[task]
-                sliced = self.scope == "global" and isinstance(sd, LazyStateDict)
-                fds.append(os.open(sd.path, os.O_RDONLY) if sliced else None)
-            yield fds
-        finally:
-            for fd in fds:
-                if fd is not None:
-                    os.close(fd)
+    def __enter__(self) -> _TiesRun:
+        return self
 
-    def _source(self, task: str, key: str, v: Tensor | None, fd: int | None) -> _Source:
-        base = self.base[key]
-        if fd is None:
-            self._check_shape(task, key, v.shape, base)
-            return _Source(key, tensor=v.reshape(-1))
-        sd = self.experts[task]
-        self._check_shape(task, key, sd.shape(key), base)
-        return _Source(key, sd=sd, fd=fd)
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
-    def _fill(self, task: str, fd: int | None, pool: ThreadPoolExecutor) -> Tensor:
+    def _sliced(self, sd) -> bool:
+        """Read in slices: a lazy state dict, in global scope (per-tensor thresholds need
+        whole tensors)."""
+        return self.scope == "global" and isinstance(sd, LazyStateDict)
+
+    def _fd(self, sd) -> int | None:
+        if not self._sliced(sd):
+            return None
+        if id(sd) not in self.fds:
+            self.fds[id(sd)] = os.open(sd.path, os.O_RDONLY)
+        return self.fds[id(sd)]
+
+    def _theta0(self, key: str) -> Tensor:
+        """θ0's whole tensor ``key``."""
+        return self.pretrained[key] if self.base is None else self.base[key]
+
+    def _source(self, sd, key: str, v: Tensor | None) -> _Source:
+        fd = self._fd(sd)
+        return _Source(key, tensor=v.reshape(-1)) if fd is None else _Source(key, sd=sd, fd=fd)
+
+    def _pass1(self) -> None:
+        if self.scope != "global":
+            return
+        self.scratch = {key: torch.empty(math.prod(self.meta[key][0])) for key in self.float_keys}
+        positions = ops.sample_positions([x.numel() for x in self.scratch.values()])
+        self.sample_at = {key: torch.from_numpy(at) for key, at in zip(self.float_keys, positions)}
+        self.thresholds = {}
+        with ThreadPoolExecutor(self.workers) as pool:
+            for task in self.tasks:
+                self.thresholds[task] = ops.trim_threshold(
+                    list(self.scratch.values()),
+                    self.k,
+                    self.mode,
+                    self.extra_zeros,
+                    self.workers,
+                    sample=self._fill(task, pool),
+                )
+
+    def _fill(self, task: str, pool: ThreadPoolExecutor) -> Tensor:
         """Pass 1 for one task: |θt − θ0| into the scratch, in cache-sized chunks on the
         workers, each chunk read, differenced, made absolute and checked for non-finite
         values while in cache; returns the selection's sample, gathered per tensor."""
 
-        def chunk(key: str, src: _Source, b: Tensor, lo: int, hi: int) -> None:
+        def chunk(key: str, src: _Source, base: _Source, lo: int, hi: int) -> None:
             dst = self.scratch[key][lo:hi]
-            src.tau(lo, hi, b[lo:hi], dst, self.local).abs_()
+            b = base.read(lo, hi, _buffer(self.local, "b", hi - lo), self.local)
+            src.tau(lo, hi, b, dst, self.local).abs_()
             if not math.isfinite(float(dst.max())):  # max propagates NaN
-                bad = not torch.isfinite(b).all()
-                who = "pretrained" if bad else f"expert {task!r}"
+                who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
                 raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
 
         samples: list[Tensor] = []
@@ -279,17 +297,18 @@ class _TiesRun:
                 fut.result()
             samples.append(self.scratch[key][self.sample_at[key]])
 
-        sd = self.experts[task]
-        reads = (
-            ops.prefetched((key, sd[key]) for key in self.float_keys)
-            if fd is None
-            else ((key, None) for key in self.float_keys)
+        sd, p = self.experts[task], self.pretrained
+        whole, whole0 = self._fd(sd) is None, self._fd(p) is None
+        reads = ops.prefetched(
+            (key, sd[key] if whole else None, self._theta0(key) if whole0 else None)
+            for key in self.float_keys
         )
-        for key, v in reads:
-            src = self._source(task, key, v, fd)
-            b = self.base[key].reshape(-1).float()
-            n = b.numel()
-            futures = [pool.submit(chunk, key, src, b, lo, hi) for lo, hi in _spans(n, _FILL_CHUNK)]
+        for key, v, v0 in reads:
+            src, base = self._source(sd, key, v), self._source(p, key, v0)
+            futures = [
+                pool.submit(chunk, key, src, base, lo, hi)
+                for lo, hi in _spans(self.scratch[key].numel(), _FILL_CHUNK)
+            ]
             pending.append((key, futures))
             if len(pending) > 1:  # two tensors in flight: the workers never wait for a read
                 finish(*pending.popleft())
@@ -298,24 +317,26 @@ class _TiesRun:
         return torch.cat(samples)
 
     def merge(self, reduce: str, scaling: float) -> StateDict:
+        self._pass1()
         results: dict[str, Tensor] = {}
         deferred = self._stream(reduce, scaling, results, None)
         self._finish(deferred, results, None, reduce, scaling)
         out: StateDict = {}
-        for key, base in self.base.items():
+        for key, (shape, dtype) in self.meta.items():
             if key in results:
-                out[key] = results[key].view(base.shape).to(base.dtype)
+                out[key] = results[key].view(shape).to(dtype)
             else:
-                out[key] = base.clone()
+                out[key] = self._theta0(key).clone()
         return out
 
     def task_vectors(self) -> dict[str, dict[str, Tensor]]:
+        self._pass1()
         self.scratch = {}  # no merged output to hold: free pass 1's scratch
         vectors: dict[str, dict[str, Tensor]] = {t: {} for t in self.tasks}
         deferred = self._stream("sum", 1.0, None, vectors)
         self._finish(deferred, None, vectors, "sum", 1.0)
         return {
-            t: {key: vectors[t][key].view(self.base[key].shape) for key in self.float_keys}
+            t: {key: vectors[t][key].view(self.meta[key][0]) for key in self.float_keys}
             for t in self.tasks
         }
 
@@ -325,37 +346,38 @@ class _TiesRun:
         T = len(self.tasks)
         width = max(1, _CHUNK // T)
         deferred: list[_Deferred] = []
-        with self._opened(self.tasks) as fds, ThreadPoolExecutor(self.workers) as pool:
-            states = [self.experts[t] for t in self.tasks]
+        states = [self.experts[t] for t in self.tasks]
 
-            def whole(key: str) -> list[Tensor | None]:  # what cannot be read in slices
-                sliced = self.base[key].is_floating_point()
-                return [
-                    None if fd is not None and sliced else sd[key] for sd, fd in zip(states, fds)
-                ]
+        def whole(key: str):  # what is not read in slices
+            fl = self.meta[key][1].is_floating_point
+            vals = [sd[key] if self._fd(sd) is None or not fl else None for sd in states]
+            v0 = self._theta0(key) if self._fd(self.pretrained) is None or not fl else None
+            return key, vals, v0
 
-            for key, vals in ops.prefetched((key, whole(key)) for key in sorted(self.base)):
-                base = self.base[key]
-                if not base.is_floating_point():
+        with ThreadPoolExecutor(self.workers) as pool:
+            for key, vals, v0 in ops.prefetched(whole(key) for key in sorted(self.meta)):
+                if not self.meta[key][1].is_floating_point:
                     for task, v in zip(self.tasks, vals):
-                        if v.shape != base.shape or not torch.equal(v, base):
+                        if v.shape != v0.shape or not torch.equal(v, v0):
                             raise CheckpointError(
                                 f"expert {task!r}: non-float key {key!r} differs from "
                                 "pretrained; it cannot be merged arithmetically"
                             )
                     continue
-                b = base.reshape(-1).float()
-                srcs = [self._source(t, key, v, fd) for t, v, fd in zip(self.tasks, vals, fds)]
-                thresholds = self._key_thresholds(key, b, srcs)
+                base = self._source(self.pretrained, key, v0)
+                srcs = [self._source(sd, key, v) for sd, v in zip(states, vals)]
+                thresholds = self._key_thresholds(key, v0, srcs)
                 thr = torch.tensor(thresholds).view(T, 1)
                 shrink = [_below(x) for x in thresholds]
-                n = b.numel()
+                n = math.prod(self.meta[key][0])
                 res = None
                 if results is not None:
                     res = self.scratch.pop(key, None)
                     res = torch.empty(n) if res is None else res
                 vec = [torch.empty(n) for _ in range(T)] if vectors is not None else None
-                job = _Chunk(key, self.start[key], b, srcs, thr, shrink, res, vec, reduce, scaling)
+                job = _Chunk(
+                    key, self.start[key], base, srcs, thr, shrink, res, vec, reduce, scaling
+                )
                 for part in pool.map(
                     lambda span, job=job: self._chunk(job, *span, width), _spans(n, width)
                 ):
@@ -380,7 +402,7 @@ class _TiesRun:
         W, U, M = local.ws
         trimmed, u = W[: T * m].view(T, m), U[: T * m].view(T, m)
         s, g, r, z, c = (row[:m] for row in M)
-        b = job.b[lo:hi]
+        b = job.base.read(lo, hi, _buffer(local, "b", m), local)
         column = job.start + lo
         for t in range(T):
             job.srcs[t].tau(lo, hi, b, trimmed[t], local)
@@ -424,18 +446,12 @@ class _TiesRun:
             torch.add(b, r, out=job.res[lo:hi])
         return gamma, deferred
 
-    def _check_shape(self, task: str, key: str, shape, base: Tensor) -> None:
-        if tuple(shape) != tuple(base.shape):
-            raise CheckpointError(
-                f"expert {task!r}: key {key!r} has shape {tuple(shape)}, "
-                f"pretrained has {tuple(base.shape)}"
-            )
-
-    def _key_thresholds(self, key: str, b: Tensor, srcs: list[_Source]) -> list[float]:
+    def _key_thresholds(self, key: str, v0: Tensor | None, srcs: list[_Source]) -> list[float]:
         if self.thresholds is not None:
             return [self.thresholds[t] for t in self.tasks]
+        b = v0.reshape(-1).float()  # per-tensor scope: whole tensors
         out = []
-        for task, src in zip(self.tasks, srcs):  # per-tensor scope: whole tensors
+        for task, src in zip(self.tasks, srcs):
             a = (src.tensor.float() - b).abs_()
             if a.numel() and not math.isfinite(float(a.max())):
                 who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
@@ -458,5 +474,5 @@ class _TiesRun:
                 merged = ops.column_sum_at(selected, d.column, self.total)
                 if reduce == "mean":
                     merged = merged / keep.sum(0).float().clamp(min=1)
-                b = self.base[d.key].reshape(-1).float()[d.index]
+                b = self._theta0(d.key).reshape(-1).float()[d.index]
                 results[d.key][d.index] = b + scaling * merged
