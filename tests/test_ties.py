@@ -254,12 +254,24 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
     p, e = random_pool(5, seed=11, shapes=((400, 41), (1000,), (3, 3)))
     want, want_vec = reference_ties(p, e, 0.2, 0.7, "sum")
     monkeypatch.setattr(ties_module, "_CHUNK", 5 * 333)
+    monkeypatch.setattr(ties_module, "_FILL_CHUNK", 777)
     monkeypatch.setattr(ops, "_PARTITION_BELOW", 100)
     monkeypatch.setattr(ops, "_SAMPLE", 1000)
+    kth_smallest, samples = ops.kth_smallest, []
+
+    def checked(values, r, seed=0, threads=1, sample=None):
+        # pass 1 gathers the sample chunk by chunk: the one kth_smallest would take itself
+        at = ops.sample_positions([v.numel() for v in values], seed)
+        assert torch.equal(sample, torch.cat([v[torch.from_numpy(i)] for v, i in zip(values, at)]))
+        samples.append(sample.numel())
+        return kth_smallest(values, r, seed, threads, sample)
+
+    monkeypatch.setattr(ops, "kth_smallest", checked)
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
+        assert samples == [1000] * 5
         monkeypatch.setattr(ops, "_BRACKET_SIGMAS", -10.0)  # an empty bracket: always misses
         assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
     finally:
@@ -334,6 +346,12 @@ def test_lazy_read_into_reads_a_slice(tmp_path):
         sd.read_into("x", torch.empty(3, dtype=torch.half))
     with pytest.raises(ValueError, match="at most 2 elements"):
         sd.read_into("x", torch.empty(3), 58)
+    other = {"b": x.bfloat16(), "m": x > 30, "i": x.long()}  # numpy has no bfloat16
+    save_state_dict(other, tmp_path / "o.safetensors")
+    sd = LazyStateDict(tmp_path / "o.safetensors")
+    for key, v in other.items():
+        got = sd.read_into(key, torch.empty(5, dtype=v.dtype), 29)
+        assert torch.equal(got, v.view(-1)[29:34]), key
 
 
 def test_per_tensor_scope_is_bitwise_the_reference_trim_per_tensor():

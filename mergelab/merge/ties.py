@@ -262,8 +262,20 @@ class _TiesRun:
         if self.scope != "global":
             return
         self.scratch = {key: torch.empty(math.prod(self.meta[key][0])) for key in self.float_keys}
+        # the selection's sample is gathered chunk by chunk while each chunk is in cache:
+        # per key, its chunks (lo, hi, sampled positions from lo, where they go in the sample)
         positions = ops.sample_positions([x.numel() for x in self.scratch.values()])
-        self.sample_at = {key: torch.from_numpy(at) for key, at in zip(self.float_keys, positions)}
+        self.fill_plan: dict[str, list[tuple[int, int, Tensor, int]]] = {}
+        at = 0
+        for key, pos in zip(self.float_keys, positions):
+            spans = _spans(self.scratch[key].numel(), _FILL_CHUNK)
+            cut = np.searchsorted(pos, [lo for lo, _ in spans] + [self.scratch[key].numel()])
+            self.fill_plan[key] = [
+                (lo, hi, torch.from_numpy(pos[cut[j] : cut[j + 1]] - lo), at + int(cut[j]))
+                for j, (lo, hi) in enumerate(spans)
+            ]
+            at += pos.size
+        self.sample = torch.empty(at)
         self.thresholds = {}
         with ThreadPoolExecutor(self.workers) as pool:
             for task in self.tasks:
@@ -279,23 +291,23 @@ class _TiesRun:
     def _fill(self, task: str, pool: ThreadPoolExecutor) -> Tensor:
         """Pass 1 for one task: |θt − θ0| into the scratch, in cache-sized chunks on the
         workers, each chunk read, differenced, made absolute and checked for non-finite
-        values while in cache; returns the selection's sample, gathered per tensor."""
+        values, and its part of the selection's sample taken, while in cache; returns the sample."""
 
-        def chunk(key: str, src: _Source, base: _Source, lo: int, hi: int) -> None:
+        def chunk(key: str, src: _Source, base: _Source, lo: int, hi: int, at, to: int):
             dst = self.scratch[key][lo:hi]
             b = base.read(lo, hi, _buffer(self.local, "b", hi - lo), self.local)
             src.tau(lo, hi, b, dst, self.local).abs_()
             if not math.isfinite(float(dst.max())):  # max propagates NaN
                 who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
                 raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+            if at.numel():
+                torch.index_select(dst, 0, at, out=self.sample[to : to + at.numel()])
 
-        samples: list[Tensor] = []
         pending: deque = deque()
 
         def finish(key: str, futures: list) -> None:
             for fut in futures:
                 fut.result()
-            samples.append(self.scratch[key][self.sample_at[key]])
 
         sd, p = self.experts[task], self.pretrained
         whole, whole0 = self._fd(sd) is None, self._fd(p) is None
@@ -305,16 +317,13 @@ class _TiesRun:
         )
         for key, v, v0 in reads:
             src, base = self._source(sd, key, v), self._source(p, key, v0)
-            futures = [
-                pool.submit(chunk, key, src, base, lo, hi)
-                for lo, hi in _spans(self.scratch[key].numel(), _FILL_CHUNK)
-            ]
+            futures = [pool.submit(chunk, key, src, base, *job) for job in self.fill_plan[key]]
             pending.append((key, futures))
             if len(pending) > 1:  # two tensors in flight: the workers never wait for a read
                 finish(*pending.popleft())
         while pending:
             finish(*pending.popleft())
-        return torch.cat(samples)
+        return self.sample
 
     def merge(self, reduce: str, scaling: float) -> StateDict:
         self._pass1()

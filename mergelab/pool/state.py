@@ -87,7 +87,8 @@ class LazyStateDict(Mapping[str, Tensor]):
             )
         if not out.numel():
             return out
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        # numpy has no bfloat16: its bytes as int16 (a view; the shorter way when it can)
+        buf = memoryview((out.view(torch.int16) if out.dtype == torch.bfloat16 else out).numpy())
         at = self._offset + info["data_offsets"][0] + start * out.element_size()
         if fd is None:
             with open(self.path, "rb") as f:
