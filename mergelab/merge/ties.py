@@ -22,13 +22,22 @@ task_vectors ``ImageEncoder`` checkpoints: 25,599,489 for ViT-B/32 and B/16, 38,
 ViT-L/14. They change d and therefore the trim threshold (effective density ≈ 0.26 on the
 visual weights for k = 0.2).
 
-Streaming, two reads of every expert: pass 1 finds each task's threshold over one reused
-model-sized |τ| vector (one task at a time, exact linear-time selection); pass 2 visits one
-parameter at a time, holding that parameter for every expert and working through it in
-cache-sized chunks. The model-wide majority sign is only known after pass 2, so the rare
-coordinates where γ = 0 with non-zero trimmed entries (exact cancellation) are kept aside and
-finished at the end. Peak memory: θ0, one |τ| vector (pass 1) or the output (pass 2), and one
-parameter per expert — independent of the number of experts beyond that parameter.
+Streaming, two reads of every expert. Pass 1 finds each task's threshold: one task at a
+time, |τ| goes into one reused model-sized vector (the merged output later), chunk by chunk
+on the worker threads, each chunk read, differenced, made absolute, checked for non-finite
+values and sampled while it is in cache; an exact linear-time selection (sampled bracket,
+one counting pass) then gives the threshold. Pass 2 visits one parameter at a time and works
+through it in cache-sized chunks of all T experts: trim (hardshrink at the float32 just below
+the threshold), Σ τ̂ in torch's own summation order, elect, Σ of the entries agreeing with γ
+(as γ·Σ relu(γ·τ̂), exact) and the output — five passes over the chunk. Lazy state dicts
+(:class:`~mergelab.pool.LazyStateDict`) are read in slices straight into each chunk's
+memory, θ0 included: no tensor is copied whole, no fresh pages are touched per read (global
+scope; per-tensor thresholds need each tensor whole, so that scope reads them whole). The
+model-wide majority sign is only known after pass 2, so the rare coordinates where γ = 0
+with non-zero trimmed entries (exact cancellation) are kept aside and finished at the end.
+Peak memory: the output (pass 1's |τ| vector) and a few cache-sized buffers per thread; θ0
+too when it is not lazy, and one parameter per expert read whole — independent of the
+number of experts beyond that parameter.
 """
 
 from __future__ import annotations
