@@ -6,7 +6,7 @@ plain pass that reads every expert's weights once (the I/O floor of any merge):
 wall time, CPU time (all threads; steadier than wall time on a shared machine), peak RSS,
 the increase over an idle process, and that increase in units of one model's size — TIES
 must not hold a whole-model copy per expert. TIES runs in its default (reference) mode:
-two streamed passes over the experts.
+two streamed passes over the experts (and θ0), read in cache-sized slices.
 
     python -m bench.merge_bench [--experts 8] [--dir .bench]
 """

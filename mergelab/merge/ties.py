@@ -298,9 +298,9 @@ class _TiesRun:
                 )
 
     def _fill(self, task: str, pool: ThreadPoolExecutor) -> Tensor:
-        """Pass 1 for one task: |θt − θ0| into the scratch, in cache-sized chunks on the
-        workers, each chunk read, differenced, made absolute and checked for non-finite
-        values, and its part of the selection's sample taken, while in cache; returns the sample."""
+        """Pass 1 for one task: |θt − θ0| into the scratch in cache-sized chunks on the
+        workers; while a chunk is in cache it is read, differenced, made absolute, checked
+        for non-finite values and sampled. Returns the selection's sample."""
 
         def chunk(key: str, src: _Source, base: _Source, lo: int, hi: int, at, to: int):
             dst = self.scratch[key][lo:hi]
