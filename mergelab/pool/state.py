@@ -72,7 +72,7 @@ class LazyStateDict(Mapping[str, Tensor]):
         ``out`` (contiguous, the tensor's dtype) and returned. Streamed merges read
         cache-sized slices into memory they reuse: a fresh tensor per read costs a page
         fault per 4 KiB and a trip through main memory. ``fd``: this file opened by the
-        caller (``os.open(sd.path, os.O_RDONLY)``) for many reads; positional reads, safe
+        caller (``os.open(sd.path, os.O_RDONLY)``) for many reads: positional reads, safe
         from several threads."""
         try:
             info = self._header[key]
@@ -90,7 +90,7 @@ class LazyStateDict(Mapping[str, Tensor]):
         # numpy has no bfloat16: its bytes as int16 (a view; the shorter way when it can)
         buf = memoryview((out.view(torch.int16) if out.dtype == torch.bfloat16 else out).numpy())
         at = self._offset + info["data_offsets"][0] + start * out.element_size()
-        if fd is None:
+        if fd is None or not hasattr(os, "preadv"):  # (no preadv: Windows, some macOS)
             with open(self.path, "rb") as f:
                 f.seek(at)
                 got = f.readinto(buf)
