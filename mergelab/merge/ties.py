@@ -306,7 +306,7 @@ class _TiesRun:
             dst = self.scratch[key][lo:hi]
             b = base.read(lo, hi, _buffer(self.local, "b", hi - lo), self.local)
             src.tau(lo, hi, b, dst, self.local).abs_()
-            if not math.isfinite(float(dst.max())):  # max propagates NaN
+            if not math.isfinite(float(torch.amax(dst))):  # amax propagates NaN
                 who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
                 raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
             if at.numel():
@@ -442,7 +442,7 @@ class _TiesRun:
         if self.mode == "reference":
             # γ = 0 although something was kept: the entries cancelled exactly
             z.mul_(r)
-            if float(z.max()) > 0:
+            if float(torch.amax(z)) > 0:
                 live = torch.nonzero(z).squeeze(1)
                 tau = torch.empty(T, m)
                 for t in range(T):
