@@ -411,14 +411,14 @@ class _TiesRun:
     def _chunk(self, job: _Chunk, lo: int, hi: int, width: int):
         """Trim → elect (zero sums: +1 for now) → disjoint merge on columns lo..hi of one
         parameter, with the reference's sums (same terms, same order of additions) in five
-        passes over the (T, m) block, all with float outputs (torch's bool-valued ops are
+        passes over the (T, m) block, in place, all with float outputs (torch's bool-valued ops are
         several times slower). Returns this chunk's Σ γ and its deferred columns."""
         T, m = len(self.tasks), hi - lo
         local = self.local
         if not hasattr(local, "ws"):  # per-thread workspace, cache-sized
-            local.ws = (torch.empty(T * width), torch.empty(T * width), torch.empty(5, width))
-        W, U, M = local.ws
-        trimmed, u = W[: T * m].view(T, m), U[: T * m].view(T, m)
+            local.ws = (torch.empty(T * width), torch.empty(5, width))
+        W, M = local.ws
+        trimmed = W[: T * m].view(T, m)
         s, g, r, z, c = (row[:m] for row in M)
         b = job.base.read(lo, hi, _buffer(local, "b", m), local)
         column = job.start + lo
@@ -435,8 +435,7 @@ class _TiesRun:
         g.add_(z)  # γ = sgn(Σ τ̂), +1 where it is 0 (provisional; see _finish)
         # |τ̂| where the entry's sign is γ, else 0: the reference's selected entries times γ,
         # so their sum in the same order is γ·(the reference's sum), negation being exact
-        torch.mul(trimmed, g, out=u)
-        u.relu_()
+        u = trimmed.mul_(g).relu_()  # (in place: τ̂ itself is not needed any more)
         ops.column_sum(u, r, self.total, column)
         deferred = []
         if self.mode == "reference":
