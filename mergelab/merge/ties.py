@@ -410,9 +410,9 @@ class _TiesRun:
 
     def _chunk(self, job: _Chunk, lo: int, hi: int, width: int):
         """Trim → elect (zero sums: +1 for now) → disjoint merge on columns lo..hi of one
-        parameter, with the reference's sums (same terms, same order of additions) in five
-        passes over the (T, m) block, in place, all with float outputs (torch's bool-valued ops are
-        several times slower). Returns this chunk's Σ γ and its deferred columns."""
+        parameter, with the reference's sums (same terms, same order of additions): five
+        passes over the (T, m) block, in place, all with float outputs (torch's bool-valued
+        ops are several times slower). Returns this chunk's Σ γ and its deferred columns."""
         T, m = len(self.tasks), hi - lo
         local = self.local
         if not hasattr(local, "ws"):  # per-thread workspace, cache-sized
