@@ -286,10 +286,11 @@ def test_reference_mode_is_bitwise_on_files_read_in_slices(
 ):
     """Experts (and θ0) as lazy safetensors files, read slice by slice into each chunk's
     memory (a float16 file through its own buffer), next to one expert in memory; many
-    chunks in both passes, two threads: bit for bit the reference on the same weights."""
+    chunks in both passes, two threads, an empty tensor: bit for bit the reference on the
+    same weights."""
     from mergelab.pool.state import LazyStateDict, save_state_dict
 
-    p, e = random_pool(4, seed=13, shapes=((300, 17), (2000,), (4, 5, 6), (1,)))
+    p, e = random_pool(4, seed=13, shapes=((300, 17), (2000,), (4, 5, 6), (1,), (0, 3)))
     p["step"] = torch.tensor(3)  # a non-float buffer: equal everywhere, passed through
     e = {
         t: {k: v.to(dtype) if v.is_floating_point() else p[k] for k, v in sd.items()}
