@@ -395,6 +395,16 @@ def test_kth_smallest_is_kthvalue(n, monkeypatch):
         assert ops.kth_smallest(x, r) == want
         assert ops.kth_smallest(list(x.split(max(1, n // 3))), r) == want  # as segments
         assert ops.kth_smallest(list(x.split(max(1, n // 7))), r, threads=3) == want
+        # a sample handed in: the caller's own, or a useless one (the bracket misses)
+        parts = list(x.split(max(1, n // 3)))
+        at = ops.sample_positions([v.numel() for v in parts], seed=5)
+        own = torch.cat([v[torch.from_numpy(i)] for v, i in zip(parts, at)])
+        assert ops.kth_smallest(parts, r, sample=own) == want
+        assert ops.kth_smallest(parts, r, sample=torch.full((512,), -1.0)) == want
+    if n > 64:  # sampled: positions sorted within their segment, as many as _SAMPLE
+        at = ops.sample_positions([n // 2, 0, n - n // 2])
+        assert sum(i.size for i in at) == 512 and at[1].size == 0
+        assert all((i[:-1] <= i[1:]).all() and ((0 <= i) & (i < n - n // 2)).all() for i in at)
     with pytest.raises(ValueError):
         ops.kth_smallest(x, n + 1)
 
