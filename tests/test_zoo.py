@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from mergelab.errors import ConfigError
 from mergelab.zoo import data as zdata
 from mergelab.zoo.embedded import EmbeddedZoo
 from mergelab.zoo.text import CaptionSet, TextTower, caption
@@ -25,6 +26,7 @@ TINY = dict(
         warmup=2,
         caption_rate=0.5,
         orientations=4,
+        grayscale=True,
         text_width=16,
     ),
     finetune=dict(steps=4, batch_size=32, lr=1e-3, weight_decay=0.1, warmup=1),
@@ -136,3 +138,38 @@ def test_nonlocal_zero_shot_row_uses_each_task_own_foundation(zoo_cache, tmp_pat
         assert row[t] == evaluate(own, pool.test_sets, pool.heads, ctx, [t])[t]
     # and the regime's zero-shot figure is that row
     assert pool.meta["regime"]["per_task"]["digits"]["pretrained"] == round(row["digits"], 2)
+
+
+@pytest.mark.parametrize("grayscale", [True, False])
+def test_pretraining_sees_the_images_without_colour_when_grayscale(
+    tmp_path, monkeypatch, grayscale
+):
+    """``pretrain.grayscale``: the foundation's images have their channels averaged (the
+    domain shift of the local zoo); the experts still fine-tune on the colour images."""
+    from mergelab.zoo import train
+
+    seen = []
+    real = train.batch_loader
+    monkeypatch.setattr(
+        train, "batch_loader", lambda data, *a: seen.append(data[0]) or real(data, *a)
+    )
+    cfg = {**TINY, "pretrain": {**TINY["pretrain"], "grayscale": grayscale}}
+    zoo = EmbeddedZoo(cache_dir=tmp_path, **{**cfg, "mixture": ["gtsrb"]})
+    zoo.pool(["gtsrb"])
+    pre, ft = seen[0], seen[1]  # pretraining images, then the gtsrb expert's
+    colour = zoo.splits("gtsrb")[0]
+    assert torch.equal(ft, colour)
+    assert not torch.equal(colour[:, 0], colour[:, 1])  # gtsrb has colour to lose
+    if grayscale:
+        assert torch.allclose(pre, colour.mean(1, keepdim=True).expand_as(colour))
+    else:
+        assert torch.equal(pre, colour)
+
+
+def test_zoo_recipe_with_a_missing_or_unknown_key_is_one_clear_error(tmp_path):
+    pre = {k: v for k, v in TINY["pretrain"].items() if k != "grayscale"}
+    with pytest.raises(ConfigError, match="pretrain recipe: missing grayscale"):
+        EmbeddedZoo(cache_dir=tmp_path, **{**TINY, "pretrain": pre})
+    ft = {**TINY["finetune"], "epochs": 3}
+    with pytest.raises(ConfigError, match="finetune recipe: unknown epochs"):
+        EmbeddedZoo(cache_dir=tmp_path, **{**TINY, "finetune": ft})

@@ -121,6 +121,10 @@ class Foundation:
         for i, t in enumerate(z.mixture):
             x, y = z.splits(t)[:2]
             named = torch.rand(len(y), generator=g) < c["caption_rate"]
+            if c["grayscale"]:
+                # The foundation's "web" is not the tasks' domain: it sees these images
+                # without colour (channels averaged), so colour is learned in fine-tuning.
+                x = x.mean(dim=1, keepdim=True).expand_as(x).contiguous()
             xs.append(x)
             task_ids.append(torch.full((len(y),), i, dtype=torch.long))
             labels.append(torch.where(named, y, torch.full_like(y, -1)))
@@ -211,6 +215,42 @@ class Foundation:
         return LazyStateDict(self.expert_path(task))
 
 
+PRETRAIN_KEYS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "caption_rate",
+    "orientations",
+    "grayscale",
+    "text_width",
+)
+FINETUNE_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup")
+
+
+def _recipe(what: str, cfg: dict, keys: tuple[str, ...]) -> dict:
+    """The ``pretrain`` / ``finetune`` recipe, every key present and no unknown one (each is
+    part of the zoo's cache key, so a silently ignored or defaulted key would be a lie)."""
+    cfg = dict(cfg)
+    missing = [k for k in keys if k not in cfg]
+    unknown = [k for k in cfg if k not in keys]
+    if missing or unknown:
+        raise ConfigError(
+            f"embedded zoo {what} recipe: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unknown {', '.join(unknown)}" if unknown else "",
+                )
+                if part
+            )
+            + f" (expected exactly: {', '.join(keys)})"
+        )
+    return cfg
+
+
 class EmbeddedZoo:
     """Builds (once) and loads an embedded zoo for a given config.
 
@@ -247,8 +287,8 @@ class EmbeddedZoo:
         self.vision = dict(vision)
         self.embed_dim = embed_dim
         self.data_cfg = dict(data)
-        self.pretrain_cfg = dict(pretrain)
-        self.finetune_cfg = dict(finetune)
+        self.pretrain_cfg = _recipe("pretrain", pretrain, PRETRAIN_KEYS)
+        self.finetune_cfg = _recipe("finetune", finetune, FINETUNE_KEYS)
         self.logit_scale = None if logit_scale is None else float(logit_scale)
         self.mixture = list(mixture)
         self.progress = progress
