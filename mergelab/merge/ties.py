@@ -274,17 +274,17 @@ class _TiesRun:
         # the selection's sample is gathered chunk by chunk while each chunk is in cache:
         # per key, its chunks (lo, hi, sampled positions from lo, where they go in the sample)
         positions = ops.sample_positions([x.numel() for x in self.scratch.values()])
-        self.fill_plan: dict[str, list[tuple[int, int, Tensor, int]]] = {}
+        plan: dict[str, list[tuple[int, int, Tensor, int]]] = {}
         at = 0
         for key, pos in zip(self.float_keys, positions):
             spans = _spans(self.scratch[key].numel(), _FILL_CHUNK)
             cut = np.searchsorted(pos, [lo for lo, _ in spans] + [self.scratch[key].numel()])
-            self.fill_plan[key] = [
+            plan[key] = [
                 (lo, hi, torch.from_numpy(pos[cut[j] : cut[j + 1]] - lo), at + int(cut[j]))
                 for j, (lo, hi) in enumerate(spans)
             ]
             at += pos.size
-        self.sample = torch.empty(at)
+        sample = torch.empty(at)
         self.thresholds = {}
         with ThreadPoolExecutor(self.workers) as pool:
             for task in self.tasks:
@@ -294,13 +294,14 @@ class _TiesRun:
                     self.mode,
                     self.extra_zeros,
                     self.workers,
-                    sample=self._fill(task, pool),
+                    sample=self._fill(task, pool, plan, sample),
                 )
 
-    def _fill(self, task: str, pool: ThreadPoolExecutor) -> Tensor:
+    def _fill(self, task: str, pool: ThreadPoolExecutor, plan: dict, sample: Tensor) -> Tensor:
         """Pass 1 for one task: |θt − θ0| into the scratch in cache-sized chunks on the
-        workers; while a chunk is in cache it is read, differenced, made absolute, checked
-        for non-finite values and sampled. Returns the selection's sample."""
+        workers (``plan``: per key, its chunks and where their sampled positions go); while a
+        chunk is in cache it is read, differenced, made absolute, checked for non-finite
+        values and sampled into ``sample``, which is returned."""
 
         def chunk(key: str, src: _Source, base: _Source, lo: int, hi: int, at, to: int):
             dst = self.scratch[key][lo:hi]
@@ -310,13 +311,9 @@ class _TiesRun:
                 who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
                 raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
             if at.numel():
-                torch.index_select(dst, 0, at, out=self.sample[to : to + at.numel()])
+                torch.index_select(dst, 0, at, out=sample[to : to + at.numel()])
 
-        pending: deque = deque()
-
-        def finish(key: str, futures: list) -> None:
-            for fut in futures:
-                fut.result()
+        pending: deque = deque()  # per tensor in flight, its chunks' futures
 
         sd, p = self.experts[task], self.pretrained
         whole, whole0 = self._fd(sd) is None, self._fd(p) is None
@@ -326,13 +323,14 @@ class _TiesRun:
         )
         for key, v, v0 in reads:
             src, base = self._source(sd, key, v), self._source(p, key, v0)
-            futures = [pool.submit(chunk, key, src, base, *job) for job in self.fill_plan[key]]
-            pending.append((key, futures))
+            pending.append([pool.submit(chunk, key, src, base, *job) for job in plan[key]])
             if len(pending) > 1:  # two tensors in flight: the workers never wait for a read
-                finish(*pending.popleft())
+                for fut in pending.popleft():
+                    fut.result()
         while pending:
-            finish(*pending.popleft())
-        return self.sample
+            for fut in pending.popleft():
+                fut.result()
+        return sample
 
     def merge(self, reduce: str, scaling: float) -> StateDict:
         self._pass1()

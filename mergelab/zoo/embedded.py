@@ -233,20 +233,12 @@ def _recipe(what: str, cfg: dict, keys: tuple[str, ...]) -> dict:
     """The ``pretrain`` / ``finetune`` recipe, every key present and no unknown one (each is
     part of the zoo's cache key, so a silently ignored or defaulted key would be a lie)."""
     cfg = dict(cfg)
-    missing = [k for k in keys if k not in cfg]
-    unknown = [k for k in cfg if k not in keys]
-    if missing or unknown:
+    problems = [f"missing {k}" for k in keys if k not in cfg]
+    problems += [f"unknown {k}" for k in cfg if k not in keys]
+    if problems:
         raise ConfigError(
-            f"embedded zoo {what} recipe: "
-            + "; ".join(
-                part
-                for part in (
-                    f"missing {', '.join(missing)}" if missing else "",
-                    f"unknown {', '.join(unknown)}" if unknown else "",
-                )
-                if part
-            )
-            + f" (expected exactly: {', '.join(keys)})"
+            f"embedded zoo {what} recipe: {', '.join(problems)} "
+            f"(expected exactly: {', '.join(keys)})"
         )
     return cfg
 
