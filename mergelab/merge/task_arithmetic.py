@@ -12,6 +12,7 @@ class TaskArithmetic(MergeMethod):
     """θ = θ0 + λ Σt (θt − θ0); ``scaling`` is λ (0.3 by default, as in the papers)."""
 
     name = "task_arithmetic"
+    elementwise = True  # merge_key works entry by entry: merges stream in chunks
 
     def __init__(self, scaling: float = 0.3):
         super().__init__()

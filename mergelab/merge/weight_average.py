@@ -12,6 +12,7 @@ class WeightAverage(MergeMethod):
     """θ = (1/T) Σt θt. Every expert contributes (a known bug elsewhere dropped the last one)."""
 
     name = "weight_average"
+    elementwise = True  # merge_key works entry by entry: merges stream in chunks
 
     def merge_key(self, key: str, base: Tensor, experts: list[Tensor]) -> Tensor:
         acc = torch.zeros_like(base, dtype=torch.float32)
