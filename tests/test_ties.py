@@ -4,8 +4,10 @@ straightforward re-implementation of the authors' reference code (flatten everyt
 
 from __future__ import annotations
 
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,33 +252,49 @@ def test_reference_mode_is_bitwise_at_signed_zeros_and_subnormal_thresholds(redu
 
 def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monkeypatch):
     """Many chunks per tensor, two worker threads, and the sampled-bracket selection (plus its
-    exact fallback when the bracket misses) change nothing."""
+    exact recount when a bracket misses) change nothing."""
     p, e = random_pool(5, seed=11, shapes=((400, 41), (1000,), (3, 3)))
+    n = sum(v.numel() for v in p.values())
     want, want_vec = reference_ties(p, e, 0.2, 0.7, "sum")
     monkeypatch.setattr(ties_module, "_CHUNK", 5 * 333)
     monkeypatch.setattr(ties_module, "_FILL_CHUNK", 777)
     monkeypatch.setattr(ops, "_PARTITION_BELOW", 100)
     monkeypatch.setattr(ops, "_SAMPLE", 1000)
-    kth_smallest, samples = ops.kth_smallest, []
+    bracket, count, brackets, counted = ops.bracket, ops.count_bracket, [], []
 
-    def checked(values, r, seed=0, threads=1, sample=None):
-        # pass 1 gathers the sample chunk by chunk: the one kth_smallest would take itself
-        at = ops.sample_positions([v.numel() for v in values], seed)
-        assert torch.equal(sample, torch.cat([v[torch.from_numpy(i)] for v, i in zip(values, at)]))
-        samples.append(sample.numel())
-        return kth_smallest(values, r, seed, threads, sample)
+    def spy_bracket(sample, r, size):
+        assert sample.size == 1000 and size == n
+        # the sample is |τ| at the sampled positions
+        keys = sorted(p)  # the reference's flattening order
+        at = ops.sample_positions([p[k].numel() for k in keys])
+        task = list(e)[len(brackets) % len(e)]
+        tau = [(e[task][k] - p[k]).abs().reshape(-1) for k in keys]
+        want_sample = torch.cat([v[torch.from_numpy(i)] for v, i in zip(tau, at)])
+        assert torch.equal(torch.from_numpy(sample), want_sample)
+        brackets.append(bracket(sample, r, size))
+        return brackets[-1]
 
-    monkeypatch.setattr(ops, "kth_smallest", checked)
-    n = torch.get_num_threads()
+    def spy_count(x, lo, hi, lt, inside):
+        below, found = count(x, lo, hi, lt, inside)
+        counted.append((lo, hi, found.size))
+        return below, found
+
+    monkeypatch.setattr(ops, "bracket", spy_bracket)
+    monkeypatch.setattr(ops, "count_bracket", spy_count)
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
-        assert samples == [1000] * 5
+        assert len(brackets) == 5 and all(lo < hi for lo, hi in brackets)
+        assert 0 < sum(c for *_, c in counted) < 5 * n / 4  # only the entries in the brackets
         monkeypatch.setattr(ops, "_BRACKET_SIGMAS", -10.0)  # an empty bracket: always misses
+        counted.clear()
         assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
+        recount = [c for lo, hi, c in counted if (lo, hi) == (-math.inf, math.inf)]
+        assert sum(recount) == 5 * n  # each task recounted with everything as a candidate
     finally:
-        torch.set_num_threads(n)
-    assert torch.get_num_threads() == n  # the merge restores the thread setting
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the merge restores the thread setting
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -314,6 +332,8 @@ def test_reference_mode_is_bitwise_on_files_read_in_slices(
         p = LazyStateDict(tmp_path / "p.safetensors")
     monkeypatch.setattr(ties_module, "_CHUNK", 4 * 171)
     monkeypatch.setattr(ties_module, "_FILL_CHUNK", 333)
+    monkeypatch.setattr(ops, "_PARTITION_BELOW", 100)  # sampled brackets: files mapped
+    monkeypatch.setattr(ops, "_SAMPLE", 500)
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -353,6 +373,24 @@ def test_lazy_read_into_reads_a_slice(tmp_path):
     for key, v in other.items():
         got = sd.read_into(key, torch.empty(5, dtype=v.dtype), 29)
         assert torch.equal(got, v.view(-1)[29:34]), key
+
+
+def test_lazy_values_at_gathers_positions_from_the_mapped_file(tmp_path):
+    import mmap
+
+    from mergelab.pool.state import LazyStateDict, save_state_dict
+
+    x = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0))
+    state = {"f": x, "h": x.half(), "b": x.bfloat16(), "i": (x * 100).long(), "z": torch.zeros(0)}
+    save_state_dict(state, tmp_path / "m.safetensors")
+    sd = LazyStateDict(tmp_path / "m.safetensors")
+    at = np.array([0, 7, 7, 123, 599], dtype=np.int64)
+    with open(sd.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for key, v in state.items():
+            pos = at if v.numel() else at[:0]
+            got = sd.values_at(key, pos, mm)
+            assert got.dtype == v.dtype and torch.equal(got, v.reshape(-1)[torch.from_numpy(pos)])
+    # the mapping was released: closing it raised nothing (no array still exported it)
 
 
 def test_per_tensor_scope_is_bitwise_the_reference_trim_per_tensor():

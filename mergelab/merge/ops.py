@@ -161,14 +161,7 @@ def kth_smallest(
         sample = np.concatenate([seg[at] for seg, at in zip(segs, pos)])
     elif isinstance(sample, Tensor):
         sample = _as_f32_numpy(sample)
-    s = sample.size
-    p = r / n
-    half = _BRACKET_SIGMAS * math.sqrt(s * p * (1 - p)) + 2
-    lo_i, hi_i = int(math.floor(p * s - half)), int(math.ceil(p * s + half))
-    picks = [i for i in (lo_i, hi_i) if 0 <= i < s]
-    part = np.partition(sample, picks) if picks else sample
-    lo = float(part[lo_i]) if 0 <= lo_i < s else -math.inf
-    hi = float(part[hi_i]) if 0 <= hi_i < s else math.inf
+    lo, hi = bracket(sample, r, n)
 
     # numpy's comparisons and compaction are several times faster than torch's here
     pieces = [seg[a : a + _COUNT_CHUNK] for seg in segs for a in range(0, seg.size, _COUNT_CHUNK)]
@@ -188,6 +181,32 @@ def kth_smallest(
     return float(np.partition(np.concatenate(segs), r - 1)[r - 1])  # bracket missed: exact
 
 
+def bracket(sample: np.ndarray, r: int, n: int) -> tuple[float, float]:
+    """Values ``(lo, hi)`` that hold the ``r``-th smallest of ``n`` values between them (with
+    probability ≈ 1 − 1e-6), from a uniform ``sample`` of those values: the sample's order
+    statistics ±:data:`_BRACKET_SIGMAS` standard deviations around rank r/n. An end beyond
+    the sample is ∓inf; an empty sample gives (−inf, inf)."""
+    s = sample.size
+    p = r / n
+    half = _BRACKET_SIGMAS * math.sqrt(s * p * (1 - p)) + 2
+    lo_i, hi_i = int(math.floor(p * s - half)), int(math.ceil(p * s + half))
+    picks = [i for i in (lo_i, hi_i) if 0 <= i < s]
+    part = np.partition(sample, picks) if picks else sample
+    lo = float(part[lo_i]) if 0 <= lo_i < s else -math.inf
+    hi = float(part[hi_i]) if 0 <= hi_i < s else math.inf
+    return lo, hi
+
+
+def count_bracket(x: np.ndarray, lo: float, hi: float, lt: np.ndarray, inside: np.ndarray):
+    """How many of ``x`` lie below ``lo``, and (a copy of) those in [lo, hi]; ``lt`` and
+    ``inside`` are bool scratch of x's size. NaN counts in neither."""
+    np.less(x, lo, out=lt)
+    below = int(np.count_nonzero(lt))
+    np.less_equal(x, hi, out=inside)
+    inside ^= lt  # lo ≤ x ≤ hi (x < lo implies x ≤ hi)
+    return below, x[np.flatnonzero(inside)]
+
+
 def _count_bracket(pieces: list[np.ndarray], lo: float, hi: float) -> tuple[int, list[np.ndarray]]:
     """How many values lie below ``lo``, and those in [lo, hi] (numpy releases the GIL)."""
     size = max((x.size for x in pieces), default=0)
@@ -195,11 +214,9 @@ def _count_bracket(pieces: list[np.ndarray], lo: float, hi: float) -> tuple[int,
     below, found = 0, []
     for x in pieces:
         m = x.size
-        np.less(x, lo, out=lt[:m])
-        below += int(np.count_nonzero(lt[:m]))
-        np.less_equal(x, hi, out=inside[:m])
-        inside[:m] ^= lt[:m]  # lo ≤ x ≤ hi (x < lo implies x ≤ hi)
-        found.append(x[np.flatnonzero(inside[:m])])
+        b, inside_x = count_bracket(x, lo, hi, lt[:m], inside[:m])
+        below += b
+        found.append(inside_x)
     return below, found
 
 
@@ -229,26 +246,37 @@ def trim_threshold(
     max |τ|), as the reference does. ``sample``: |τ| at :func:`sample_positions` of the
     tensors' sizes, if the caller has gathered it (see :func:`kth_smallest`).
     """
-    check_trim_mode(mode)
     parts = [abs_tau] if isinstance(abs_tau, Tensor) else list(abs_tau)
-    d = sum(v.numel() for v in parts) + int(extra_zeros)
+    r, s = trim_rank(sum(v.numel() for v in parts), k, mode, extra_zeros)
+    if r == 0:
+        return s
+    return kth_smallest(parts, r, threads=threads, sample=sample)
+
+
+def trim_rank(n: int, k: float, mode: str = "reference", extra_zeros: int = 0) -> tuple[int, float]:
+    """Where the TIES trim threshold of a task vector with ``n`` loaded entries (plus
+    ``extra_zeros`` zeros) lies: ``(r, 0)`` — the r-th smallest loaded |τ| (1-indexed) — or
+    ``(0, s)`` when it is known without looking: s = 0 (everything kept) or inf (nothing).
+    The rule of :func:`trim_threshold`."""
+    check_trim_mode(mode)
+    d = n + int(extra_zeros)
     if d == 0:
-        return 0.0
+        return 0, 0.0
     if mode == "reference":
-        n = int(d * k)  # the reference's int(d * K), Python float arithmetic included
-        if n >= d:
-            return 0.0
-        rank = d - n
+        keep = int(d * k)  # the reference's int(d * K), Python float arithmetic included
+        if keep >= d:
+            return 0, 0.0
+        rank = d - keep
     else:
         keep = int(round(k * d))
         if keep <= 0:
-            return math.inf
+            return 0, math.inf
         if keep >= d:
-            return 0.0
+            return 0, 0.0
         rank = d - keep + 1
     if rank <= extra_zeros:  # the extra zeros are the smallest values
-        return 0.0
-    return kth_smallest(parts, rank - int(extra_zeros), threads=threads, sample=sample)
+        return 0, 0.0
+    return rank - int(extra_zeros), 0.0
 
 
 def magnitude_threshold(values: Tensor, k: float) -> float:

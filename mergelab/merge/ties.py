@@ -22,27 +22,30 @@ task_vectors ``ImageEncoder`` checkpoints: 25,599,489 for ViT-B/32 and B/16, 38,
 ViT-L/14. They change d and therefore the trim threshold (effective density ≈ 0.26 on the
 visual weights for k = 0.2).
 
-Streaming, two reads of every expert. Pass 1 finds each task's threshold: one task at a
-time, |τ| goes into one reused model-sized vector (the merged output later), chunk by chunk
-on the worker threads, each chunk read, differenced, made absolute, checked for non-finite
-values and sampled while it is in cache; an exact linear-time selection (sampled bracket,
-one counting pass) then gives the threshold. Pass 2 visits one parameter at a time and works
-through it in cache-sized chunks of all T experts: trim (hardshrink at the float32 just below
-the threshold), Σ τ̂ in torch's own summation order, elect, Σ of the entries agreeing with γ
+Streaming, two reads of every expert. Pass 1 finds every task's threshold exactly in one
+read: a sparse sample of each |τt| (its pages only, from the mapped files) brackets the wanted
+order statistic; one streamed pass then reads θ0 and all experts chunk by chunk on the
+worker threads, each chunk differenced, made absolute, checked for non-finite values and,
+per task, counted below its bracket with the few values inside it collected; a selection
+among those gives the threshold (a bracket that misses, probability ≈ 1e-6, is recounted
+with the whole range: the answer is always exact). Pass 2 visits one parameter at a time and
+works through it in chunks of all T experts: trim (hardshrink at the float32 just below the
+threshold), Σ τ̂ in torch's own summation order, elect, Σ of the entries agreeing with γ
 (as γ·Σ relu(γ·τ̂), exact) and the output — five passes over the chunk. Lazy state dicts
 (:class:`~mergelab.pool.LazyStateDict`) are read in slices straight into each chunk's
 memory, θ0 included: no tensor is copied whole, no fresh pages are touched per read (global
 scope; per-tensor thresholds need each tensor whole, so that scope reads them whole). The
 model-wide majority sign is only known after pass 2, so the rare coordinates where γ = 0
 with non-zero trimmed entries (exact cancellation) are kept aside and finished at the end.
-Peak memory: the output (pass 1's |τ| vector) and a few cache-sized buffers per thread; θ0
-too when it is not lazy, and one parameter per expert read whole — independent of the
-number of experts beyond that parameter.
+Peak memory: the output, the collected candidates (≈ 1% of each task's entries) and a few
+chunk buffers per thread; θ0 too when it is not lazy, and one parameter per expert read
+whole — independent of the number of experts beyond that parameter.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 from collections import deque
@@ -64,8 +67,8 @@ SCOPES = ("global", "per_tensor")
 REDUCES = ("sum", "mean")
 MODES = ops.TRIM_MODES
 
-_CHUNK = 1 << 19  # entries per chunk summed over all experts (T rows × _CHUNK / T columns)
-_FILL_CHUNK = 1 << 18  # entries per chunk of pass 1's |τ| fill
+_CHUNK = 1 << 20  # entries per chunk summed over all experts (T rows × _CHUNK / T columns)
+_FILL_CHUNK = 1 << 19  # entries per chunk of pass 1's counting (per task, in turn)
 
 
 def _spans(n: int, width: int) -> list[tuple[int, int]]:
@@ -135,6 +138,12 @@ def _check_trim(scope: str, mode: str, extra_zeros: int) -> tuple[str, str, int]
             "ties extra_zeros counts entries of the whole flattened vector: scope=global"
         )
     return scope, mode, int(extra_zeros)
+
+
+def _select(found: list[np.ndarray], j: int) -> float | None:
+    """The ``j``-th smallest (1-indexed) of the values ``found``; None when there are fewer."""
+    cand = np.concatenate(found) if found else np.empty(0, np.float32)
+    return float(np.partition(cand, j - 1)[j - 1]) if 1 <= j <= cand.size else None
 
 
 def _below(x: float) -> float:
@@ -235,9 +244,6 @@ class _TiesRun:
         # θ0 whole in memory unless it is read in slices like the experts
         self.base = None if self._sliced(pretrained) else dict(pretrained.items())
         self.thresholds: dict[str, float] | None = None
-        # pass 1's |τ| scratch, one float32 tensor per key: it becomes the merged output in
-        # pass 2, so the output costs no memory (nor page faults) of its own
-        self.scratch: dict[str, Tensor] = {}
 
     def __enter__(self) -> _TiesRun:
         return self
@@ -268,69 +274,116 @@ class _TiesRun:
         return _Source(key, tensor=v.reshape(-1)) if fd is None else _Source(key, sd=sd, fd=fd)
 
     def _pass1(self) -> None:
+        """Every task's trim threshold, exactly, from one streamed read of every expert (and
+        of θ0): a sparse sample of each |τt| brackets its order statistic, one counting pass
+        over all tasks at once counts the entries below each bracket and collects those
+        inside, and a selection among the few collected gives the threshold. A task whose
+        bracket misses (probability ≈ 1e-6; never silently) is counted again with the whole
+        range as its bracket."""
         if self.scope != "global":
             return
-        self.scratch = {key: torch.empty(math.prod(self.meta[key][0])) for key in self.float_keys}
-        # the selection's sample is gathered chunk by chunk while each chunk is in cache:
-        # per key, its chunks (lo, hi, sampled positions from lo, where they go in the sample)
-        positions = ops.sample_positions([x.numel() for x in self.scratch.values()])
-        plan: dict[str, list[tuple[int, int, Tensor, int]]] = {}
-        at = 0
-        for key, pos in zip(self.float_keys, positions):
-            spans = _spans(self.scratch[key].numel(), _FILL_CHUNK)
-            cut = np.searchsorted(pos, [lo for lo, _ in spans] + [self.scratch[key].numel()])
-            plan[key] = [
-                (lo, hi, torch.from_numpy(pos[cut[j] : cut[j + 1]] - lo), at + int(cut[j]))
-                for j, (lo, hi) in enumerate(spans)
-            ]
-            at += pos.size
-        sample = torch.empty(at)
+        sizes = [math.prod(self.meta[key][0]) for key in self.float_keys]
+        r, known = ops.trim_rank(sum(sizes), self.k, self.mode, self.extra_zeros)
+        if r == 0:  # nothing to select (k = 1, nothing loaded, ...): still check finiteness
+            self._count({t: (math.inf, math.inf) for t in self.tasks})
+            self.thresholds = dict.fromkeys(self.tasks, known)
+            return
+        n = sum(sizes)
+        samples = self._sample(ops.sample_positions(sizes))
+        brackets = {t: ops.bracket(samples[t], r, n) for t in self.tasks}
         self.thresholds = {}
+        while brackets:
+            below, found = self._count(brackets)
+            with ThreadPoolExecutor(self.workers) as pool:
+                picks = pool.map(lambda t, b=below, f=found: _select(f[t], r - b[t]), below)
+                picked = dict(zip(below, picks))
+            missed = [task for task, thr in picked.items() if thr is None]
+            if any(brackets[task] == (-math.inf, math.inf) for task in missed):
+                raise RuntimeError("TIES: an order statistic fell outside the whole range")
+            self.thresholds.update((t, thr) for t, thr in picked.items() if thr is not None)
+            # a bracket that missed: everything is a candidate in the recount
+            brackets = dict.fromkeys(missed, (-math.inf, math.inf))
+
+    def _sample(self, positions: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Per task, |θt − θ0| at ``positions`` (per float key, sorted flat positions) as
+        one float32 array; lazy files are mapped and only the sampled pages touched."""
+        if not sum(pos.size for pos in positions):
+            return {t: np.empty(0, np.float32) for t in self.tasks}
+
+        def gather(sd) -> Tensor:
+            parts = []
+            if isinstance(sd, LazyStateDict):
+                with (
+                    open(sd.path, "rb") as f,
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+                ):
+                    for key, pos in zip(self.float_keys, positions):
+                        parts.append(sd.values_at(key, pos, mm).float())
+            else:
+                for key, pos in zip(self.float_keys, positions):
+                    parts.append(sd[key].reshape(-1)[torch.from_numpy(pos)].float())
+            return torch.cat(parts)
+
         with ThreadPoolExecutor(self.workers) as pool:
-            for task in self.tasks:
-                self.thresholds[task] = ops.trim_threshold(
-                    list(self.scratch.values()),
-                    self.k,
-                    self.mode,
-                    self.extra_zeros,
-                    self.workers,
-                    sample=self._fill(task, pool, plan, sample),
-                )
+            base = pool.submit(gather, self.pretrained)
+            vals = {t: pool.submit(gather, self.experts[t]) for t in self.tasks}
+            b = base.result()
+            return {t: (v.result() - b).abs_().numpy() for t, v in vals.items()}
 
-    def _fill(self, task: str, pool: ThreadPoolExecutor, plan: dict, sample: Tensor) -> Tensor:
-        """Pass 1 for one task: |θt − θ0| into the scratch in cache-sized chunks on the
-        workers (``plan``: per key, its chunks and where their sampled positions go); while a
-        chunk is in cache it is read, differenced, made absolute, checked for non-finite
-        values and sampled into ``sample``, which is returned."""
+    def _count(
+        self, brackets: dict[str, tuple[float, float]]
+    ) -> tuple[dict[str, int], dict[str, list[np.ndarray]]]:
+        """One streamed read of θ0 and of the experts in ``brackets``: per task, how many
+        |τ| lie below its bracket and the values inside it. θ0 is read once per chunk for all
+        tasks; each chunk is read, differenced, made absolute, checked for non-finite values
+        and counted while it is in cache, on the worker threads."""
+        tasks = list(brackets)
+        below = dict.fromkeys(tasks, 0)
+        found: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+        states = [self.experts[t] for t in tasks]
 
-        def chunk(key: str, src: _Source, base: _Source, lo: int, hi: int, at, to: int):
-            dst = self.scratch[key][lo:hi]
-            b = base.read(lo, hi, _buffer(self.local, "b", hi - lo), self.local)
-            src.tau(lo, hi, b, dst, self.local).abs_()
-            if not math.isfinite(float(torch.amax(dst))):  # amax propagates NaN
-                who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
-                raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
-            if at.numel():
-                torch.index_select(dst, 0, at, out=sample[to : to + at.numel()])
+        def chunk(key: str, base: _Source, srcs: list[_Source], lo: int, hi: int):
+            local, m = self.local, hi - lo
+            b = base.read(lo, hi, _buffer(local, "b", m), local)
+            x = _buffer(local, "x", m)
+            xn = x.numpy()
+            lt, inside = _buffer(local, "lt", m, torch.bool), _buffer(local, "in", m, torch.bool)
+            lt, inside = lt.numpy(), inside.numpy()
+            out = []
+            for task, src in zip(tasks, srcs):
+                src.tau(lo, hi, b, x, local).abs_()
+                if not math.isfinite(float(torch.amax(x))):  # amax propagates NaN
+                    who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
+                    raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+                out.append(ops.count_bracket(xn, *brackets[task], lt, inside))
+            return out
+
+        def whole(key: str):  # what is not read in slices
+            vals = [sd[key] if self._fd(sd) is None else None for sd in states]
+            v0 = self._theta0(key) if self._fd(self.pretrained) is None else None
+            return key, vals, v0
+
+        def collect(futures) -> None:
+            for fut in futures:
+                for task, (n_below, inside) in zip(tasks, fut.result()):
+                    below[task] += n_below
+                    if inside.size:
+                        found[task].append(inside)
 
         pending: deque = deque()  # per tensor in flight, its chunks' futures
-
-        sd, p = self.experts[task], self.pretrained
-        whole, whole0 = self._fd(sd) is None, self._fd(p) is None
-        reads = ops.prefetched(
-            (key, sd[key] if whole else None, self._theta0(key) if whole0 else None)
-            for key in self.float_keys
-        )
-        for key, v, v0 in reads:
-            src, base = self._source(sd, key, v), self._source(p, key, v0)
-            pending.append([pool.submit(chunk, key, src, base, *job) for job in plan[key]])
-            if len(pending) > 1:  # two tensors in flight: the workers never wait for a read
-                for fut in pending.popleft():
-                    fut.result()
-        while pending:
-            for fut in pending.popleft():
-                fut.result()
-        return sample
+        with ThreadPoolExecutor(self.workers) as pool:
+            for key, vals, v0 in ops.prefetched(whole(key) for key in self.float_keys):
+                base = self._source(self.pretrained, key, v0)
+                srcs = [self._source(sd, key, v) for sd, v in zip(states, vals)]
+                n = math.prod(self.meta[key][0])
+                pending.append(
+                    [pool.submit(chunk, key, base, srcs, *span) for span in _spans(n, _FILL_CHUNK)]
+                )
+                if len(pending) > 1:  # two tensors in flight: the workers never wait for a read
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+        return below, found
 
     def merge(self, reduce: str, scaling: float) -> StateDict:
         self._pass1()
@@ -347,7 +400,6 @@ class _TiesRun:
 
     def task_vectors(self) -> dict[str, dict[str, Tensor]]:
         self._pass1()
-        self.scratch = {}  # no merged output to hold: free pass 1's scratch
         vectors: dict[str, dict[str, Tensor]] = {t: {} for t in self.tasks}
         deferred = self._stream("sum", 1.0, None, vectors)
         self._finish(deferred, None, vectors, "sum", 1.0)
@@ -386,10 +438,7 @@ class _TiesRun:
                 thr = torch.tensor(thresholds).view(T, 1)
                 shrink = [_below(x) for x in thresholds]
                 n = math.prod(self.meta[key][0])
-                res = None
-                if results is not None:
-                    res = self.scratch.pop(key, None)
-                    res = torch.empty(n) if res is None else res
+                res = torch.empty(n) if results is not None else None
                 vec = [torch.empty(n) for _ in range(T)] if vectors is not None else None
                 job = _Chunk(
                     key, self.start[key], base, srcs, thr, shrink, res, vec, reduce, scaling

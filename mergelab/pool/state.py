@@ -10,6 +10,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -99,6 +100,27 @@ class LazyStateDict(Mapping[str, Tensor]):
         if got != buf.nbytes:
             raise CheckpointError(f"{self.path} is truncated at tensor {key!r}")
         return out
+
+    def values_at(self, key: str, index, mapped) -> Tensor:
+        """Elements at the flat positions ``index`` (an int64 numpy array) of tensor ``key``,
+        in its dtype, gathered from ``mapped``: this file mapped by the caller
+        (``mmap.mmap(fd, 0, access=mmap.ACCESS_READ)``). For a sparse sample of a large
+        tensor: only the pages holding those positions are touched."""
+        info = self._header[key]
+        dtype = _DTYPES[info["dtype"]]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        start, end = info["data_offsets"]
+        raw = np.frombuffer(
+            mapped,
+            dtype=f"<u{itemsize}",
+            count=(end - start) // itemsize,
+            offset=self._offset + start,
+        )
+        try:
+            picked = raw[index]  # a copy: nothing keeps the mapping exported
+        finally:
+            del raw
+        return torch.from_numpy(picked.view(f"<i{itemsize}")).view(dtype)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._header[key]["shape"])
