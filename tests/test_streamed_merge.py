@@ -71,7 +71,7 @@ def test_flagged_methods():
 
 
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("where", ["memory", "lazy_experts", "lazy_all"])
 @pytest.mark.parametrize("chunk", [16, merge_base.CHUNK])
 def test_bit_identical_to_whole_tensors(method, dtype, where, chunk, tmp_path, monkeypatch):
