@@ -8,7 +8,10 @@ the increase over an idle process, and that increase in units of one model's siz
 must not hold a whole-model copy per expert. TIES runs in its default (reference) mode:
 two streamed passes over the experts (and θ0), read in cache-sized slices.
 
-    python -m bench.merge_bench [--experts 8] [--dir .bench]
+Every mode runs ``--repeat`` times (3), interleaved, after one warm-up run each; the table
+shows medians and the wall-time range.
+
+    python -m bench.merge_bench [--experts 8] [--repeat 3] [--dir .bench]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 VIT_B32 = dict(image_size=224, patch_size=32, width=768, layers=12, head_width=64, mlp_ratio=4.0)
 
@@ -127,30 +131,43 @@ def measure(mode: str, root: Path, n_experts: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_bench(root: Path, n_experts: int = 8) -> dict:
+def run_bench(root: Path, n_experts: int = 8, repeat: int = 3) -> dict:
+    """Each mode once to warm the page cache, then ``repeat`` measured runs, the modes
+    interleaved (plain, TA, TIES, plain, ...) so that a load change on a shared machine hits
+    all of them; every figure is the median over the runs, the range kept next to it, and
+    the ratios are medians over the runs of each run's own ratio to that run's plain read."""
     meta = make_checkpoints(root, n_experts)
     model_mb = meta["bytes"] / 2**20
+    modes = ("plain_read", "task_arithmetic", "ties")
+    for mode in modes:
+        measure(mode, root, n_experts)  # warm the page cache so every mode reads from memory
+    runs = {mode: [] for mode in modes}
+    for _ in range(repeat):
+        for mode in modes:
+            runs[mode].append(measure(mode, root, n_experts))
     res = {
         "n_experts": n_experts,
         "n_params": meta["n_params"],
         "model_mb": round(model_mb, 1),
+        "repeat": repeat,
         "rows": {},
     }
-    plain = None
-    for mode in ("plain_read", "task_arithmetic", "ties"):
-        measure(mode, root, n_experts)  # warm the page cache so every mode reads from memory
-        m = measure(mode, root, n_experts)
-        extra_mb = m["extra_kb"] / 1024
-        row = {
-            "wall_s": round(m["wall_s"], 2),
-            "cpu_s": round(m["cpu_s"], 2),
+    plain = runs["plain_read"]
+    for mode in modes:
+        ms = runs[mode]
+        extra_mb = median([m["extra_kb"] for m in ms]) / 1024
+        res["rows"][mode] = {
+            "wall_s": round(median([m["wall_s"] for m in ms]), 2),
+            "wall_range_s": [
+                round(min(m["wall_s"] for m in ms), 2),
+                round(max(m["wall_s"] for m in ms), 2),
+            ],
+            "cpu_s": round(median([m["cpu_s"] for m in ms]), 2),
             "extra_mb": round(extra_mb, 1),
             "extra_model_copies": round(extra_mb / model_mb, 2),
+            "time_ratio": round(median([m["wall_s"] / p["wall_s"] for m, p in zip(ms, plain)]), 2),
+            "cpu_ratio": round(median([m["cpu_s"] / p["cpu_s"] for m, p in zip(ms, plain)]), 2),
         }
-        plain = plain or row
-        row["time_ratio"] = round(row["wall_s"] / plain["wall_s"], 2)
-        row["cpu_ratio"] = round(row["cpu_s"] / plain["cpu_s"], 2)
-        res["rows"][mode] = row
     return res
 
 
@@ -159,16 +176,17 @@ def print_report(res: dict) -> None:
     from rich.table import Table
 
     t = Table(
-        title=f"merge bench: {res['n_experts']} experts × {res['n_params'] / 1e6:.1f}M params "
+        title=f"merge bench (median of {res['repeat']} runs): {res['n_experts']} experts × {res['n_params'] / 1e6:.1f}M params "
         f"({res['model_mb']:.0f} MB each, fp32), read lazily from safetensors"
     )
-    cols = ("mode", "wall s", "× plain", "cpu s", "× plain", "peak extra MB", "model copies")
+    cols = ("mode", "wall s", "range", "× plain", "cpu s", "× plain", "peak extra MB", "copies")
     for c in cols:
         t.add_column(c, justify="right")
     for mode, r in res["rows"].items():
         t.add_row(
             mode,
             f"{r['wall_s']:.2f}",
+            "{:.2f}–{:.2f}".format(*r["wall_range_s"]),
             f"{r['time_ratio']:.2f}",
             f"{r['cpu_s']:.2f}",
             f"{r['cpu_ratio']:.2f}",
@@ -187,6 +205,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="measured runs per mode (median)")
     ap.add_argument("--dir", default=".bench/vit_b32")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the figures to this json file")
@@ -194,7 +213,7 @@ def main() -> None:
     if a.child:
         _child(a.child, a.dir, a.experts)
         return
-    res = run_bench(Path(a.dir), a.experts)
+    res = run_bench(Path(a.dir), a.experts, a.repeat)
     print_report(res)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

@@ -306,7 +306,7 @@ class _TiesRun:
 
     def _sample(self, positions: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Per task, |θt − θ0| at ``positions`` (per float key, sorted flat positions) as
-        one float32 array; lazy files are mapped and only the sampled pages touched."""
+        one float32 array; lazy files are mapped, only the sampled pages touched (and let go of)."""
         if not sum(pos.size for pos in positions):
             return {t: np.empty(0, np.float32) for t in self.tasks}
 

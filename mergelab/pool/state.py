@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -101,25 +102,27 @@ class LazyStateDict(Mapping[str, Tensor]):
             raise CheckpointError(f"{self.path} is truncated at tensor {key!r}")
         return out
 
-    def values_at(self, key: str, index, mapped) -> Tensor:
-        """Elements at the flat positions ``index`` (an int64 numpy array) of tensor ``key``,
-        in its dtype, gathered from ``mapped``: this file mapped by the caller
+    def values_at(self, key: str, index: np.ndarray, mapped: mmap.mmap) -> Tensor:
+        """Elements at the flat positions ``index`` (int64) of tensor ``key``, in its dtype,
+        gathered from ``mapped``: this whole file mapped by the caller
         (``mmap.mmap(fd, 0, access=mmap.ACCESS_READ)``). For a sparse sample of a large
-        tensor: only the pages holding those positions are touched."""
+        tensor: only the pages holding the positions are touched, and they are let go of
+        again on return (``MADV_DONTNEED``), so sampling a whole file never holds it in this
+        process's resident memory."""
         info = self._header[key]
         dtype = _DTYPES[info["dtype"]]
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        start, end = info["data_offsets"]
+        start, end = (self._offset + at for at in info["data_offsets"])
+        if end == start or not len(index):
+            return torch.empty(0, dtype=dtype)
         raw = np.frombuffer(
-            mapped,
-            dtype=f"<u{itemsize}",
-            count=(end - start) // itemsize,
-            offset=self._offset + start,
+            mapped, dtype=f"<u{itemsize}", count=(end - start) // itemsize, offset=start
         )
-        try:
-            picked = raw[index]  # a copy: nothing keeps the mapping exported
-        finally:
-            del raw
+        picked = raw[index]  # a copy
+        del raw  # nothing may export the mapping when it closes
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            lo = start - start % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, lo, end - lo)
         return torch.from_numpy(picked.view(f"<i{itemsize}")).view(dtype)
 
     def shape(self, key: str) -> tuple[int, ...]:
