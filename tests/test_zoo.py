@@ -173,3 +173,31 @@ def test_zoo_recipe_with_a_missing_or_unknown_key_is_one_clear_error(tmp_path):
     ft = {**TINY["finetune"], "epochs": 3}
     with pytest.raises(ConfigError, match="finetune recipe: unknown epochs"):
         EmbeddedZoo(cache_dir=tmp_path, **{**TINY, "finetune": ft})
+
+
+def test_zoo_trains_with_its_own_thread_count_whatever_the_run_uses(tmp_path, monkeypatch):
+    """Kernels split reductions by thread count, so the zoo trains with ``build_threads``
+    (part of its cache key) whatever the run's ``num_threads``, and restores the run's."""
+    from mergelab.zoo import train
+
+    seen, fit = [], train.fit
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        zoo = EmbeddedZoo(cache_dir=tmp_path, **{**TINY, "build_threads": 3})
+        zoo.pool(["mnist"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3, 3]  # the foundation's pretraining, then the expert's fine-tuning
+    other = EmbeddedZoo(cache_dir=tmp_path, **{**TINY, "build_threads": 1})
+    assert other.foundations[0].dir != zoo.foundations[0].dir and other.root != zoo.root
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="build_threads must be a positive integer"):
+            EmbeddedZoo(cache_dir=tmp_path, **{**TINY, "build_threads": bad})

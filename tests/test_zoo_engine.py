@@ -96,7 +96,8 @@ def test_single_device_engine_keeps_accelerator_and_precision():
 def test_fp32_engine_builds_the_pre_engine_zoo_bit_for_bit(fp32_zoo, tmp_path, monkeypatch):
     zoo, tasks = fp32_zoo
     f = zoo.foundations[0]
-    # the fp32 key is the key from before the engine (no precision entry): same cache dirs
+    # the fp32 key is the key from before the engine (no precision entry) plus the build's
+    # thread count: the same cache dirs for the same recipe
     old_key = {
         "vision": zoo.vision,
         "embed_dim": zoo.embed_dim,
@@ -105,6 +106,7 @@ def test_fp32_engine_builds_the_pre_engine_zoo_bit_for_bit(fp32_zoo, tmp_path, m
         "pretrain": zoo.pretrain_cfg,
         "mixture": zoo.mixture,
         "seed": f.seed,
+        "build_threads": zoo.build_threads,
     }
     assert f.dir.name == f"foundation-{config_hash(old_key)}"
     # the same zoo built by the old hand-written Trainer, no engine given
