@@ -172,12 +172,16 @@ def run_bench(root: Path, n_experts: int = 8, repeat: int = 3) -> dict:
 
 
 def print_report(res: dict) -> None:
+    """The table of :func:`run_bench` (medians of ``repeat`` runs, with wall ranges) or of a
+    bench that measures each mode once (``bench.merge_methods_bench``: no ``repeat``)."""
     from rich.console import Console
     from rich.table import Table
 
+    runs = f"median of {res['repeat']} runs" if res.get("repeat", 1) > 1 else "one run each"
     t = Table(
-        title=f"merge bench (median of {res['repeat']} runs): {res['n_experts']} experts × {res['n_params'] / 1e6:.1f}M params "
-        f"({res['model_mb']:.0f} MB each, fp32), read lazily from safetensors"
+        title=f"merge bench ({runs}): {res['n_experts']} experts × "
+        f"{res['n_params'] / 1e6:.1f}M params ({res['model_mb']:.0f} MB each, fp32), "
+        "read lazily from safetensors"
     )
     cols = ("mode", "wall s", "range", "× plain", "cpu s", "× plain", "peak extra MB", "copies")
     for c in cols:
@@ -186,7 +190,7 @@ def print_report(res: dict) -> None:
         t.add_row(
             mode,
             f"{r['wall_s']:.2f}",
-            "{:.2f}–{:.2f}".format(*r["wall_range_s"]),
+            "{:.2f}–{:.2f}".format(*r["wall_range_s"]) if "wall_range_s" in r else "–",
             f"{r['time_ratio']:.2f}",
             f"{r['cpu_s']:.2f}",
             f"{r['cpu_ratio']:.2f}",
