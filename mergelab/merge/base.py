@@ -198,8 +198,9 @@ class ChunkReader:
         sd = self.states[i]
         return sd.read_into(key, self.buffer(i, hi - lo, sd.dtype(key)), lo, self.fds[i])
 
-    def buffer(self, slot: int, n: int, dtype: torch.dtype) -> Tensor:
-        """This thread's buffer for ``slot`` of at least ``n`` elements (grown, never shrunk)."""
+    def buffer(self, slot, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """This thread's buffer for ``slot`` (any hashable name) of at least ``n`` elements
+        (grown, never shrunk)."""
         bufs = self.local.__dict__.setdefault("bufs", {})
         buf = bufs.get((slot, dtype))
         if buf is None or buf.numel() < n:

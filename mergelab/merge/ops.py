@@ -49,16 +49,22 @@ def check_trim_mode(mode: str) -> str:
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch ops single-threaded inside the block. The streamed merges issue many small
-    ops on cache-sized chunks; with several intra-op threads every op ends in a barrier,
-    which on a busy machine (more runnable threads than cores) costs far more than the op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch ops with exactly ``n`` intra-op threads inside the block, restoring the
+    caller's setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(before)
+
+
+def one_thread():
+    """Run torch ops single-threaded inside the block. The streamed merges issue many small
+    ops on cache-sized chunks; with several intra-op threads every op ends in a barrier,
+    which on a busy machine (more runnable threads than cores) costs far more than the op."""
+    return torch_threads(1)
 
 
 def prefetched(items: Iterable[_T], depth: int = 1) -> Iterator[_T]:
@@ -232,8 +238,6 @@ def trim_threshold(
     k: float,
     mode: str = "reference",
     extra_zeros: int = 0,
-    threads: int = 1,
-    sample: np.ndarray | Tensor | None = None,
 ) -> float:
     """TIES trim threshold s of one task vector: keep the entries with |τ| ≥ s.
 
@@ -243,14 +247,13 @@ def trim_threshold(
     tensors of task_vectors checkpoints). ``mode`` is one of :data:`TRIM_MODES`. k = 1 keeps
     everything in both modes (the reference code crashes there: it asks ``kthvalue`` for the
     0-th value). Reference mode with k = 0 keeps the largest entries only (n = 0 → s =
-    max |τ|), as the reference does. ``sample``: |τ| at :func:`sample_positions` of the
-    tensors' sizes, if the caller has gathered it (see :func:`kth_smallest`).
+    max |τ|), as the reference does.
     """
     parts = [abs_tau] if isinstance(abs_tau, Tensor) else list(abs_tau)
     r, s = trim_rank(sum(v.numel() for v in parts), k, mode, extra_zeros)
     if r == 0:
         return s
-    return kth_smallest(parts, r, threads=threads, sample=sample)
+    return kth_smallest(parts, r)
 
 
 def trim_rank(n: int, k: float, mode: str = "reference", extra_zeros: int = 0) -> tuple[int, float]:

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
-import threading
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +58,7 @@ from torch import Tensor
 from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
 from mergelab.merge import ops
-from mergelab.merge.base import MergeMethod, StateDict, check_experts, tensor_meta
+from mergelab.merge.base import ChunkReader, MergeMethod, StateDict, check_experts, tensor_meta
 from mergelab.pool.state import LazyStateDict
 
 SCOPES = ("global", "per_tensor")
@@ -160,30 +158,21 @@ class _Source:
         self.key, self.tensor, self.sd, self.fd = key, tensor, sd, fd
         self.dtype = tensor.dtype if tensor is not None else sd.dtype(key)
 
-    def read(self, lo: int, hi: int, out: Tensor, local) -> Tensor:
+    def read(self, lo: int, hi: int, out: Tensor, files: ChunkReader) -> Tensor:
         """θ on positions lo..hi in float32: ``out`` filled, or a view of the tensor."""
         if self.tensor is not None:
             part = self.tensor[lo:hi]
             return part if part.dtype == torch.float32 else out.copy_(part)
         if self.dtype == torch.float32:
             return self.sd.read_into(self.key, out, lo, self.fd)
-        raw = _buffer(local, "raw", hi - lo, self.dtype)  # a file in another dtype
+        raw = files.buffer("raw", hi - lo, self.dtype)  # a file in another dtype
         return out.copy_(self.sd.read_into(self.key, raw, lo, self.fd))
 
-    def tau(self, lo: int, hi: int, b: Tensor, out: Tensor, local) -> Tensor:
+    def tau(self, lo: int, hi: int, b: Tensor, out: Tensor, files: ChunkReader) -> Tensor:
         """``out`` ← θ − θ0 on positions lo..hi, in float32 (``b``: θ0 there, float32)."""
         if self.tensor is not None:
             return torch.sub(self.tensor[lo:hi].float(), b, out=out)
-        return self.read(lo, hi, out, local).sub_(b)
-
-
-def _buffer(local, name: str, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A worker thread's own buffer of at least ``n`` elements (grown, never shrunk)."""
-    bufs = local.__dict__.setdefault("bufs", {})
-    buf = bufs.get((name, dtype))
-    if buf is None or buf.numel() < n:
-        buf = bufs[(name, dtype)] = torch.empty(max(n, _CHUNK), dtype=dtype)
-    return buf[:n]
+        return self.read(lo, hi, out, files).sub_(b)
 
 
 @dataclass
@@ -239,8 +228,11 @@ class _TiesRun:
             at += math.prod(self.meta[key][0])
         self.total = at
         self.gamma_sum = 0
-        self.local = threading.local()  # per worker thread: its chunk's memory
-        self.fds: dict[int, int] = {}
+        # the state dicts read in slices, their files open for the run; each worker thread's
+        # chunk buffers
+        sliced = [sd for sd in (pretrained, *experts.values()) if self._sliced(sd)]
+        self.files = ChunkReader(sliced, _CHUNK)
+        self.slot = {id(sd): i for i, sd in enumerate(sliced)}
         # θ0 whole in memory unless it is read in slices like the experts
         self.base = None if self._sliced(pretrained) else dict(pretrained.items())
         self.thresholds: dict[str, float] | None = None
@@ -249,9 +241,7 @@ class _TiesRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
+        self.files.close()
 
     def _sliced(self, sd) -> bool:
         """Read in slices: a lazy state dict, in global scope (per-tensor thresholds need
@@ -259,11 +249,17 @@ class _TiesRun:
         return self.scope == "global" and isinstance(sd, LazyStateDict)
 
     def _fd(self, sd) -> int | None:
-        if not self._sliced(sd):
-            return None
-        if id(sd) not in self.fds:
-            self.fds[id(sd)] = os.open(sd.path, os.O_RDONLY)
-        return self.fds[id(sd)]
+        """The open file of a state dict read in slices, else None."""
+        slot = self.slot.get(id(sd))
+        return None if slot is None else self.files.fds[slot]
+
+    def _whole(self, key: str, states: list) -> tuple[str, list, Tensor | None]:
+        """``key``'s tensors that are not read in slices (the experts' in ``states``, then
+        θ0's; None where read in slices). Non-float tensors are always read whole."""
+        fl = self.meta[key][1].is_floating_point
+        vals = [sd[key] if self._fd(sd) is None or not fl else None for sd in states]
+        v0 = self._theta0(key) if self._fd(self.pretrained) is None or not fl else None
+        return key, vals, v0
 
     def _theta0(self, key: str) -> Tensor:
         """θ0's whole tensor ``key``."""
@@ -343,25 +339,20 @@ class _TiesRun:
         states = [self.experts[t] for t in tasks]
 
         def chunk(key: str, base: _Source, srcs: list[_Source], lo: int, hi: int):
-            local, m = self.local, hi - lo
-            b = base.read(lo, hi, _buffer(local, "b", m), local)
-            x = _buffer(local, "x", m)
+            files, m = self.files, hi - lo
+            b = base.read(lo, hi, files.buffer("b", m), files)
+            x = files.buffer("x", m)
             xn = x.numpy()
-            lt, inside = _buffer(local, "lt", m, torch.bool), _buffer(local, "in", m, torch.bool)
+            lt, inside = files.buffer("lt", m, torch.bool), files.buffer("in", m, torch.bool)
             lt, inside = lt.numpy(), inside.numpy()
             out = []
             for task, src in zip(tasks, srcs):
-                src.tau(lo, hi, b, x, local).abs_()
+                src.tau(lo, hi, b, x, files).abs_()
                 if not math.isfinite(float(torch.amax(x))):  # amax propagates NaN
                     who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
                     raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
                 out.append(ops.count_bracket(xn, *brackets[task], lt, inside))
             return out
-
-        def whole(key: str):  # what is not read in slices
-            vals = [sd[key] if self._fd(sd) is None else None for sd in states]
-            v0 = self._theta0(key) if self._fd(self.pretrained) is None else None
-            return key, vals, v0
 
         def collect(futures) -> None:
             for fut in futures:
@@ -372,7 +363,7 @@ class _TiesRun:
 
         pending: deque = deque()  # per tensor in flight, its chunks' futures
         with ThreadPoolExecutor(self.workers) as pool:
-            for key, vals, v0 in ops.prefetched(whole(key) for key in self.float_keys):
+            for key, vals, v0 in ops.prefetched(self._whole(k, states) for k in self.float_keys):
                 base = self._source(self.pretrained, key, v0)
                 srcs = [self._source(sd, key, v) for sd, v in zip(states, vals)]
                 n = math.prod(self.meta[key][0])
@@ -416,14 +407,8 @@ class _TiesRun:
         deferred: list[_Deferred] = []
         states = [self.experts[t] for t in self.tasks]
 
-        def whole(key: str):  # what is not read in slices
-            fl = self.meta[key][1].is_floating_point
-            vals = [sd[key] if self._fd(sd) is None or not fl else None for sd in states]
-            v0 = self._theta0(key) if self._fd(self.pretrained) is None or not fl else None
-            return key, vals, v0
-
         with ThreadPoolExecutor(self.workers) as pool:
-            for key, vals, v0 in ops.prefetched(whole(key) for key in sorted(self.meta)):
+            for key, vals, v0 in ops.prefetched(self._whole(k, states) for k in sorted(self.meta)):
                 if not self.meta[key][1].is_floating_point:
                     for task, v in zip(self.tasks, vals):
                         if v.shape != v0.shape or not torch.equal(v, v0):
@@ -461,16 +446,14 @@ class _TiesRun:
         passes over the (T, m) block, in place, all with float outputs (torch's bool-valued
         ops are several times slower). Returns this chunk's Σ γ and its deferred columns."""
         T, m = len(self.tasks), hi - lo
-        local = self.local
-        if not hasattr(local, "ws"):  # per-thread workspace, cache-sized
-            local.ws = (torch.empty(T * width), torch.empty(5, width))
-        W, M = local.ws
+        files = self.files  # per-thread workspace, cache-sized
+        W, M = files.buffer("ws", T * width), files.buffer("rows", 5 * width).view(5, width)
         trimmed = W[: T * m].view(T, m)
         s, g, r, z, c = (row[:m] for row in M)
-        b = job.base.read(lo, hi, _buffer(local, "b", m), local)
+        b = job.base.read(lo, hi, files.buffer("b", m), files)
         column = job.start + lo
         for t in range(T):
-            job.srcs[t].tau(lo, hi, b, trimmed[t], local)
+            job.srcs[t].tau(lo, hi, b, trimmed[t], files)
             # τ·1{|τ| ≥ s_t} in one pass: hardshrink keeps |τ| > λ, and λ is the float32 just
             # below s_t. Its zeros are +0 where the reference's product gives −0 for τ < 0: no
             # sum sees the difference (they start from +0), the task vectors copy τ's sign
@@ -492,13 +475,13 @@ class _TiesRun:
                 live = torch.nonzero(z).squeeze(1)
                 tau = torch.empty(T, m)
                 for t in range(T):
-                    job.srcs[t].tau(lo, hi, b, tau[t], local)
+                    job.srcs[t].tau(lo, hi, b, tau[t], files)
                 tau = tau[:, live]
                 trim = tau * (tau.abs() >= job.thr)  # the reference's product, −0 included
                 deferred.append(_Deferred(job.key, lo + live, column + live, trim))
         if job.vec is not None:
             for t in range(T):  # the reference's zeros carry τ's sign: copy it from τ
-                job.srcs[t].tau(lo, hi, b, c, local)
+                job.srcs[t].tau(lo, hi, b, c, files)
                 torch.copysign(u[t], c, out=job.vec[t][lo:hi])
         if job.res is not None:
             # γ·Σ|kept| = Σ kept. Never −0: γ = −1 means some kept entry is < 0, so Σ|kept| > 0

@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from torch.utils.data import TensorDataset
 from mergelab.engine import Engine
 from mergelab.errors import ConfigError
 from mergelab.files import atomic_write
+from mergelab.merge.ops import torch_threads
 from mergelab.pool.base import ModelPool
 from mergelab.pool.heads import ClassificationHead
 from mergelab.pool.state import LazyStateDict, save_state_dict
@@ -146,6 +145,8 @@ class Foundation:
             steps=c["steps"],
         )
         data = (torch.cat(xs), torch.cat(task_ids), torch.cat(labels))
+        # exactly build_threads threads, whatever the run's: CPU kernels split reductions by
+        # thread count (the far zoo's experts differ by up to 0.022 between 1 and 2 threads)
         with torch_threads(z.build_threads):
             fit(
                 module,
@@ -428,20 +429,6 @@ class EmbeddedZoo:
             atomic_write(path, json.dumps(saved, indent=2))
             print_regime(self.name, saved[key])
         return saved[key]
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Train with exactly ``n`` torch threads, whatever the run's setting: CPU kernels split
-    their reductions by thread count, so the same recipe trained with 1 or 2 threads gives
-    different weights (measured: the far zoo's experts differ by up to 0.022). The zoo's cache
-    key holds ``n``, so a cached zoo is the one its key says, whichever run built it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _average(states: list) -> dict[str, Tensor]:
