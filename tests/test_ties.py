@@ -12,10 +12,22 @@ import pytest
 import torch
 
 from mergelab.errors import ConfigError
-from mergelab.merge import ops
+from mergelab.merge import native, ops
 from mergelab.merge import ties as ties_module
 from mergelab.merge.task_arithmetic import TaskArithmetic
 from mergelab.merge.ties import Ties, ties_task_vectors
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def kernels(request, monkeypatch):
+    """Every test runs on both paths: the fused C kernels and the torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    elif native.kernels() is None:
+        if native.compiler() is not None:
+            pytest.fail("a C compiler is here but the TIES kernels did not build (see the log)")
+        pytest.skip("no C compiler: the fused TIES kernels cannot be built here")
+    return request.param
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -279,8 +291,17 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
         counted.append((lo, hi, found.size))
         return below, found
 
+    def spy_native(lib, src, m, lows, highs, cand, buf):
+        got = native_count(lib, src, m, lows, highs, cand, buf)
+        counted.extend(
+            (float(lo), float(hi), found.size) for lo, hi, (_, found) in zip(lows, highs, got)
+        )
+        return got
+
+    native_count = native.count
     monkeypatch.setattr(ops, "bracket", spy_bracket)
     monkeypatch.setattr(ops, "count_bracket", spy_count)
+    monkeypatch.setattr(native, "count", spy_native)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -295,6 +316,61 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads  # the merge restores the thread setting
+
+
+def test_fused_kernels_do_the_work_and_hand_back_what_they_cannot(tmp_path, monkeypatch, kernels):
+    """With the kernels built, both passes run in them (files read by the kernels themselves,
+    in blocks of an odd size, next to an expert in memory); chunks with exactly cancelling
+    columns (γ undecided until the model-wide sign is known) go back to the torch path; the
+    result is the reference's, bit for bit, with and without the majority sign flipped.
+    Without the kernels nothing calls them."""
+    from mergelab.pool.state import LazyStateDict, save_state_dict
+
+    calls = {"count": 0, "merge": 0, "undecided": 0}
+    count, merge = native.count, native.merge
+
+    def spy_count(*args):
+        calls["count"] += 1
+        return count(*args)
+
+    def spy_merge(*args):
+        got = merge(*args)
+        calls["merge"] += 1
+        calls["undecided"] += bool(got and got[1])
+        return got
+
+    monkeypatch.setattr(native, "count", spy_count)
+    monkeypatch.setattr(native, "merge", spy_merge)
+    monkeypatch.setattr(native, "BLOCK", 37)  # many blocks, each with a partial vector
+    monkeypatch.setattr(ties_module, "_CHUNK", 3 * 1000)
+    for flip in (False, True):
+        p, e = random_pool(3, seed=5, shapes=((300, 7), (333,), (5,)), flip=flip)
+        for reduce in ("sum", "mean"):
+            want, _ = reference_ties(p, e, 0.2, 0.3, reduce)
+            lazy = {}
+            for i, (t, sd) in enumerate(e.items()):
+                save_state_dict(sd, tmp_path / f"{t}.safetensors")
+                lazy[t] = sd if i == 1 else LazyStateDict(tmp_path / f"{t}.safetensors")
+            assert_bitwise(Ties(k=0.2, scaling=0.3, reduce=reduce).merge(p, lazy), want)
+    if kernels == "fused":
+        assert calls["count"] and calls["merge"] and calls["undecided"]
+    else:
+        assert calls == {"count": 0, "merge": 0, "undecided": 0}
+
+
+def test_truncated_expert_file_is_named(tmp_path):
+    """A file cut short inside a tensor: the kernels' read fails, the torch path names it."""
+    from mergelab.errors import CheckpointError
+    from mergelab.pool.state import LazyStateDict, save_state_dict
+
+    p, e = random_pool(2, seed=3, shapes=((64, 9),))
+    for t, sd in e.items():
+        save_state_dict(sd, tmp_path / f"{t}.safetensors")
+    path = tmp_path / "t1.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    lazy = {t: LazyStateDict(tmp_path / f"{t}.safetensors") for t in e}
+    with pytest.raises(CheckpointError, match=r"t1\.safetensors is truncated at tensor 'k0'"):
+        Ties().merge(p, lazy)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -486,6 +486,17 @@ def column_sum(
     return out
 
 
+def row_order_columns(rows: int, total: int) -> int:
+    """How many leading columns of a (rows, ``total``) float32 matrix ``torch.sum(dim=0)``
+    sums in plain row order, ((0 + x0) + x1) + ... — all before its interleaved tail when a
+    cascade of ``rows`` is one block (rows ≤ 17), else none. Kernels that sum that way are
+    bit-identical to :func:`column_sum` there."""
+    if rows > (1 << _level_power(rows)) + 1:
+        return 0
+    tail = sum_tail_width()
+    return total - total % tail if tail else total
+
+
 def column_sum_at(x: Tensor, columns: Tensor, total: int, tail_width: int | None = None) -> Tensor:
     """:func:`column_sum` for scattered columns: ``columns`` are their positions in the
     (rows, ``total``) matrix."""

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from mergelab import validate
 from mergelab.errors import CheckpointError, ConfigError
-from mergelab.merge import ops
+from mergelab.merge import native, ops
 from mergelab.merge.base import ChunkReader, MergeMethod, StateDict, check_experts, tensor_meta
 from mergelab.pool.state import LazyStateDict
 
@@ -168,6 +168,15 @@ class _Source:
         raw = files.buffer("raw", hi - lo, self.dtype)  # a file in another dtype
         return out.copy_(self.sd.read_into(self.key, raw, lo, self.fd))
 
+    def spec(self, lo: int) -> tuple[int, int, int] | None:
+        """This source from position ``lo`` on as the fused kernels take it (file descriptor,
+        byte offset, address); None unless float32 (a file, or contiguous memory)."""
+        if self.dtype != torch.float32:
+            return None
+        if self.tensor is not None:
+            return (-1, 0, self.tensor[lo:].data_ptr()) if self.tensor.is_contiguous() else None
+        return self.fd, self.sd.data_offset(self.key) + 4 * lo, 0
+
     def tau(self, lo: int, hi: int, b: Tensor, out: Tensor, files: ChunkReader) -> Tensor:
         """``out`` ← θ − θ0 on positions lo..hi, in float32 (``b``: θ0 there, float32)."""
         if self.tensor is not None:
@@ -184,7 +193,7 @@ class _Chunk:
     base: _Source  # θ0
     srcs: list[_Source]  # θt
     thr: Tensor  # (T, 1) trim thresholds
-    shrink: list[float]  # per task, the float32 just below its threshold (hardshrink's λ)
+    shrink: np.ndarray  # per task, the float32 just below its threshold (hardshrink's λ)
     res: Tensor | None  # merged output (flat) or None
     vec: list[Tensor] | None  # per-task selected entries (flat) or None
     reduce: str
@@ -236,6 +245,10 @@ class _TiesRun:
         # θ0 whole in memory unless it is read in slices like the experts
         self.base = None if self._sliced(pretrained) else dict(pretrained.items())
         self.thresholds: dict[str, float] | None = None
+        # the fused C kernels (None: torch ops); pass 2 uses them where the reference sums a
+        # column's T rows one after the other (T ≤ 17; not in torch's interleaved tail)
+        self.lib = native.kernels()
+        self.fused_until = ops.row_order_columns(len(self.tasks), self.total)
 
     def __enter__(self) -> _TiesRun:
         return self
@@ -264,6 +277,11 @@ class _TiesRun:
     def _theta0(self, key: str) -> Tensor:
         """θ0's whole tensor ``key``."""
         return self.pretrained[key] if self.base is None else self.base[key]
+
+    @staticmethod
+    def _nonfinite(key: str, task: str, b: Tensor) -> str:
+        who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
+        return f"{who}: key {key!r} holds non-finite values"
 
     def _source(self, sd, key: str, v: Tensor | None) -> _Source:
         fd = self._fd(sd)
@@ -338,8 +356,19 @@ class _TiesRun:
         found: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
         states = [self.experts[t] for t in tasks]
 
+        lows = np.array([brackets[t][0] for t in tasks], np.float32)
+        highs = np.array([brackets[t][1] for t in tasks], np.float32)
+
         def chunk(key: str, base: _Source, srcs: list[_Source], lo: int, hi: int):
             files, m = self.files, hi - lo
+            fused = native.sources([base, *srcs], lo) if self.lib is not None else None
+            if fused is not None:  # one call for the chunk, reads included
+                cand = files.buffer("cand", len(tasks) * m).view(len(tasks), m)
+                buf = files.buffer("fused", 2 * native.BLOCK)
+                got = native.count(self.lib, fused, m, lows, highs, cand, buf)
+                if got is not None:
+                    return [(below, inside.copy()) for below, inside in got]
+                # a short read or a non-finite value: the torch path below names it
             b = base.read(lo, hi, files.buffer("b", m), files)
             x = files.buffer("x", m)
             xn = x.numpy()
@@ -349,8 +378,7 @@ class _TiesRun:
             for task, src in zip(tasks, srcs):
                 src.tau(lo, hi, b, x, files).abs_()
                 if not math.isfinite(float(torch.amax(x))):  # amax propagates NaN
-                    who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
-                    raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+                    raise CheckpointError(self._nonfinite(key, task, b))
                 out.append(ops.count_bracket(xn, *brackets[task], lt, inside))
             return out
 
@@ -401,12 +429,20 @@ class _TiesRun:
 
     def _stream(self, reduce, scaling, results, vectors) -> list[_Deferred]:
         """Pass 2: per parameter, its chunks go to ``workers`` threads (each op inside runs
-        single-threaded; the chunks are independent), each chunk reading its own slices."""
+        single-threaded; the chunks are independent), each chunk reading its own slices; the
+        chunks of two parameters are in flight at a time."""
         T = len(self.tasks)
         width = max(1, _CHUNK // T)
         deferred: list[_Deferred] = []
         states = [self.experts[t] for t in self.tasks]
 
+        def collect(futures) -> None:
+            for fut in futures:
+                gamma, parts = fut.result()
+                self.gamma_sum += gamma
+                deferred.extend(parts)
+
+        pending: deque = deque()  # per tensor in flight, its chunks' futures
         with ThreadPoolExecutor(self.workers) as pool:
             for key, vals, v0 in ops.prefetched(self._whole(k, states) for k in sorted(self.meta)):
                 if not self.meta[key][1].is_floating_point:
@@ -421,23 +457,25 @@ class _TiesRun:
                 srcs = [self._source(sd, key, v) for sd, v in zip(states, vals)]
                 thresholds = self._key_thresholds(key, v0, srcs)
                 thr = torch.tensor(thresholds).view(T, 1)
-                shrink = [_below(x) for x in thresholds]
+                shrink = np.array([_below(x) for x in thresholds], np.float32)
                 n = math.prod(self.meta[key][0])
                 res = torch.empty(n) if results is not None else None
                 vec = [torch.empty(n) for _ in range(T)] if vectors is not None else None
                 job = _Chunk(
                     key, self.start[key], base, srcs, thr, shrink, res, vec, reduce, scaling
                 )
-                for part in pool.map(
-                    lambda span, job=job: self._chunk(job, *span, width), _spans(n, width)
-                ):
-                    self.gamma_sum += part[0]
-                    deferred.extend(part[1])
+                pending.append(
+                    [pool.submit(self._chunk, job, *span, width) for span in _spans(n, width)]
+                )
+                if len(pending) > 1:  # two tensors in flight: no worker idles at a tensor's end
+                    collect(pending.popleft())
                 if res is not None:
                     results[key] = res
                 if vec is not None:
                     for t, task in enumerate(self.tasks):
                         vectors[task][key] = vec[t]
+            while pending:
+                collect(pending.popleft())
         return deferred
 
     def _chunk(self, job: _Chunk, lo: int, hi: int, width: int):
@@ -447,17 +485,28 @@ class _TiesRun:
         ops are several times slower). Returns this chunk's Σ γ and its deferred columns."""
         T, m = len(self.tasks), hi - lo
         files = self.files  # per-thread workspace, cache-sized
-        W, M = files.buffer("ws", T * width), files.buffer("rows", 5 * width).view(5, width)
-        trimmed = W[: T * m].view(T, m)
-        s, g, r, z, c = (row[:m] for row in M)
-        b = job.base.read(lo, hi, files.buffer("b", m), files)
         column = job.start + lo
+        fused = self.lib is not None and job.res is not None and column + m <= self.fused_until
+        src = native.sources([job.base, *job.srcs], lo) if fused else None
+        if src is not None:  # one call for the chunk, reads included
+            buf = files.buffer("fused", (T + 1) * native.BLOCK)
+            mean = job.reduce == "mean"
+            got = native.merge(self.lib, src, m, job.shrink, job.scaling, mean, job.res[lo:hi], buf)
+            if got is not None and (self.mode != "reference" or not got[1]):
+                # (mergelab mode: γ = +1 where Σ τ̂ = 0 is final)
+                return (got[0] if self.mode == "reference" else 0), []
+            # a short read (named below), or some column's γ waits for the model-wide sign:
+            # the torch path defers it
+        b = job.base.read(lo, hi, files.buffer("b", m), files)
+        M = files.buffer("rows", 5 * width).view(5, width)
+        trimmed = files.buffer("ws", T * width)[: T * m].view(T, m)
+        s, g, r, z, c = (row[:m] for row in M)
         for t in range(T):
             job.srcs[t].tau(lo, hi, b, trimmed[t], files)
             # τ·1{|τ| ≥ s_t} in one pass: hardshrink keeps |τ| > λ, and λ is the float32 just
             # below s_t. Its zeros are +0 where the reference's product gives −0 for τ < 0: no
             # sum sees the difference (they start from +0), the task vectors copy τ's sign
-            torch.hardshrink(trimmed[t], job.shrink[t], out=trimmed[t])
+            torch.hardshrink(trimmed[t], float(job.shrink[t]), out=trimmed[t])
         ops.column_sum(trimmed, s, self.total, column)
         torch.sign(s, out=g)
         gamma = int(g.sum()) if self.mode == "reference" else 0  # exact: |Σ| ≤ m < 2^24
@@ -501,8 +550,7 @@ class _TiesRun:
         for task, src in zip(self.tasks, srcs):
             a = (src.tensor.float() - b).abs_()
             if a.numel() and not math.isfinite(float(a.max())):
-                who = "pretrained" if not torch.isfinite(b).all() else f"expert {task!r}"
-                raise CheckpointError(f"{who}: key {key!r} holds non-finite values")
+                raise CheckpointError(self._nonfinite(key, task, b))
             out.append(ops.trim_threshold(a, self.k, self.mode))
         return out
 

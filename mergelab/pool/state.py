@@ -125,6 +125,10 @@ class LazyStateDict(Mapping[str, Tensor]):
             mapped.madvise(mmap.MADV_DONTNEED, lo, end - lo)
         return torch.from_numpy(picked.view(f"<i{itemsize}")).view(dtype)
 
+    def data_offset(self, key: str) -> int:
+        """Where tensor ``key``'s bytes start in the file."""
+        return self._offset + self._header[key]["data_offsets"][0]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._header[key]["shape"])
 

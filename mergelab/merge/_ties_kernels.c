@@ -1,0 +1,226 @@
+/* TIES-merging's two streamed passes, fused: mergelab/merge/native.py compiles this file on
+ * first use (plain C, no Python API; called through ctypes, which releases the GIL, so the
+ * worker threads run it in parallel) and TIES falls back to its torch ops when it cannot.
+ *
+ * Each call covers one slice of one parameter, for θ0 and all T experts ("sources"): a
+ * source is a float32 file read with pread (fd >= 0, its slice starting at byte off) or
+ * float32 memory (fd < 0, at ptr). The slice is worked through in blocks of `block` entries:
+ * the file blocks are read into `buf` (block entries per source), and one sweep over the
+ * block does what the torch/numpy path does in one op per sweep — the same float32
+ * operations in the same order, so the results are bit for bit the torch path's
+ * (tests/test_ties.py runs every test on both). Built with -ffp-contract=off: an a + b * c
+ * must not become a fused multiply-add.
+ */
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <unistd.h>
+
+/* Source i's entries j0 .. j0 + w of the slice: read into buf (a file), or in place. NULL on
+ * a failed or short read (a truncated file: the caller's torch path names it). */
+static const float *source_block(int32_t i, const int32_t *fd, const int64_t *off,
+                                 const float *const *ptr, int64_t j0, int64_t w, float *buf) {
+    if (fd[i] < 0) return ptr[i] + j0;
+    char *at = (char *)buf;
+    size_t want = (size_t)w * sizeof(float);
+    off_t pos = (off_t)(off[i] + j0 * (int64_t)sizeof(float));
+    while (want) {
+        ssize_t got = pread(fd[i], at, want, pos);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) return NULL;
+        at += got;
+        pos += got;
+        want -= (size_t)got;
+    }
+    return buf;
+}
+
+/* The sweeps are written with GCC/clang vector extensions, W entries at a time (the
+ * compilers' cost models leave these loops scalar otherwise): 8 with AVX (built with
+ * -march=native, see native.py), else 4 (SSE2, NEON; 8 lanes there are split badly). A
+ * comparison gives -1 / 0 per lane; "masked" keeps a lane's bits or gives +0 (as torch's
+ * hardshrink and relu do, where a product by 0 would keep the sign). */
+#if defined(__AVX__)
+#define W 8
+#else
+#define W 4
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+
+/* Which lanes of a comparison are set, as bits (one instruction on x86). */
+#if defined(__AVX__)
+#include <immintrin.h>
+__attribute__((always_inline)) static inline int lanes(vi m) {
+    return _mm256_movemask_ps((__m256)m);
+}
+#elif defined(__SSE2__)
+#include <emmintrin.h>
+__attribute__((always_inline)) static inline int lanes(vi m) { return _mm_movemask_ps((__m128)m); }
+#else
+__attribute__((always_inline)) static inline int lanes(vi m) {
+    int bits = 0;
+    for (int k = 0; k < W; k++) bits |= (m[k] & 1) << k;
+    return bits;
+}
+#endif
+
+__attribute__((always_inline)) static inline vf loadw(const float *p) {
+    vf v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+__attribute__((always_inline)) static inline vf maskedw(vf x, vi keep) { return (vf)((vi)x & keep); }
+
+/* Pass 1 for T tasks (sources 1..T; source 0 is θ0) on m entries: a = |θt − θ0|. Per task:
+ * below[t] = how many a < lo[t]; the a with lo[t] <= a <= hi[t] are written, in order, to
+ * cand + t * cap (n_cand[t] of them; cap >= m). Returns 0; -1 on a failed read; t + 1 when
+ * task t has a non-finite a (NaN or inf in θt or θ0). NaN counts in neither. */
+int32_t ml_ties_count(int32_t T, const int32_t *fd, const int64_t *off,
+                      const float *const *ptr, int64_t m, const float *lo_t,
+                      const float *hi_t, int64_t *below, float *cand, int64_t cap,
+                      int64_t *n_cand, float *buf, int64_t block) {
+    const vi magnitude = (vi){0} + 0x7fffffff;
+    const vf biggest = (vf){0} + FLT_MAX;
+    for (int32_t t = 0; t < T; t++) below[t] = n_cand[t] = 0;
+    for (int64_t j0 = 0; j0 < m; j0 += block) {
+        int64_t w = j0 + block < m ? block : m - j0;
+        const float *b = source_block(0, fd, off, ptr, j0, w, buf);
+        if (!b) return -1;
+        for (int32_t t = 0; t < T; t++) {
+            const float *x = source_block(t + 1, fd, off, ptr, j0, w, buf + block);
+            if (!x) return -1;
+            const float lo = lo_t[t], hi = hi_t[t];
+            const vf low = (vf){0} + lo, high = (vf){0} + hi;
+            float *out = cand + t * cap;
+            int64_t n = n_cand[t], j = 0;
+            vi nb = {0}, bad = {0};
+            for (; j + W <= w; j += W) {
+                vf a = (vf)((vi)(loadw(x + j) - loadw(b + j)) & magnitude);
+                nb += a < low; /* -1 per entry below */
+                bad |= ~(a <= biggest);
+                int hit = lanes((a >= low) & (a <= high));
+                while (hit) { /* ≈ 1 % are candidates: rarely taken */
+                    out[n++] = a[__builtin_ctz(hit)];
+                    hit &= hit - 1;
+                }
+            }
+            int64_t tail_below = 0;
+            int32_t tail_bad = 0;
+            for (; j < w; j++) {
+                float a = fabsf(x[j] - b[j]);
+                tail_below += a < lo;
+                tail_bad |= !(a <= FLT_MAX);
+                if (a >= lo && a <= hi) out[n++] = a;
+            }
+            int32_t any_bad = tail_bad;
+            for (int k = 0; k < W; k++) {
+                below[t] -= nb[k];
+                any_bad |= bad[k];
+            }
+            if (any_bad) return t + 1;
+            below[t] += tail_below;
+            n_cand[t] = n;
+        }
+    }
+    return 0;
+}
+
+/* Columns j .. j + 8 of pass 2 (see ml_ties_merge). Adds Σ sgn(s) to *gsum and the count of
+ * undecided columns to *undecided. */
+__attribute__((always_inline)) static inline void mergew(int32_t T, const float *const *x, int64_t j, const float *lam,
+                          float scaling, int32_t mean, float *o, vi *gsum, vi *undecided) {
+    const vi magnitude = (vi){0} + 0x7fffffff;
+    const vf zero = (vf){0}, one = zero + 1.0f;
+    const vf b = loadw(x[0] + j);
+    vf s = zero;
+    for (int32_t t = 0; t < T; t++) {
+        vf d = loadw(x[t + 1] + j) - b;
+        s += maskedw(d, (vf)((vi)d & magnitude) > lam[t]); /* torch.hardshrink */
+    }
+    vi up = s > zero, down = s < zero, none = s == zero;
+    *gsum += down - up; /* masks are -1: Σ sgn(s) */
+    vf g = (maskedw(one, up) - maskedw(one, down)) + maskedw(one, none);
+    vf r = zero, c = zero;
+    for (int32_t t = 0; t < T; t++) {
+        vf d = loadw(x[t + 1] + j) - b;
+        vf u = g * maskedw(d, (vf)((vi)d & magnitude) > lam[t]);
+        vi pos = u > zero;
+        r += maskedw(u, pos); /* torch.relu */
+        c += maskedw(one, pos);
+    }
+    *undecided -= none & (r > zero);
+    vf y = r * g;
+    if (mean) {
+        vi more = c > one; /* max(c, 1) */
+        y = y / (vf)(((vi)c & more) | ((vi)one & ~more));
+    }
+    y = y * scaling;
+    y = b + y;
+    __builtin_memcpy(o + j, &y, sizeof y);
+}
+
+/* The same for one column (a slice's last m mod 8). */
+__attribute__((always_inline)) static inline int32_t merge1(int32_t T, const float *const *x, int64_t j, const float *lam,
+                             float scaling, int32_t mean, float *o, int64_t *gsum) {
+    const float b = x[0][j];
+    float s = 0.0f;
+    for (int32_t t = 0; t < T; t++) {
+        float d = x[t + 1][j] - b;
+        s += fabsf(d) > lam[t] ? d : 0.0f;
+    }
+    float g = s > 0.0f ? 1.0f : s < 0.0f ? -1.0f : 0.0f;
+    *gsum += (int64_t)g;
+    g += s == 0.0f ? 1.0f : 0.0f;
+    float r = 0.0f, c = 0.0f;
+    for (int32_t t = 0; t < T; t++) {
+        float d = x[t + 1][j] - b;
+        float u = g * (fabsf(d) > lam[t] ? d : 0.0f);
+        if (u > 0.0f) {
+            r += u;
+            c += 1.0f;
+        }
+    }
+    float y = r * g;
+    if (mean) y = y / (c > 1.0f ? c : 1.0f);
+    y = y * scaling;
+    o[j] = b + y;
+    return s == 0.0f && r > 0.0f;
+}
+
+/* Pass 2 for T tasks (sources 1..T; source 0 is θ0) on m columns. Per column, exactly as the
+ * torch path (ties.py, _TiesRun._chunk):
+ *   τ̂t = hardshrink(θt − θ0, lam[t])    (lam[t]: the float32 just below task t's threshold)
+ *   s = ((0 + τ̂0) + τ̂1) + ...            (torch's order for T ≤ 17 rows)
+ *   γ = sgn(s), +1 where s = 0;  Σ sgn(s) is added to *gamma_sum
+ *   r = ((0 + u0) + u1) + ...,  ut = max(γ·τ̂t, 0)   (the entries whose sign is γ, as |·|)
+ *   out = θ0 + scaling · (γ·r)                       (reduce = sum)
+ *   out = θ0 + scaling · ((γ·r) / max(#{ut > 0}, 1)) (reduce = mean)
+ * Returns how many columns have s = 0 with r > 0 (γ undecided: the caller redoes such a slice
+ * on the torch path, which defers them; out is then incomplete), or -1 on a failed read.
+ * buf holds (T + 1) * block floats. */
+int64_t ml_ties_merge(int32_t T, const int32_t *fd, const int64_t *off,
+                      const float *const *ptr, int64_t m, const float *lam, float scaling,
+                      int32_t mean, float *out, int64_t *gamma_sum, float *buf, int64_t block) {
+    const float *x[T + 1];
+    int64_t gsum = 0, undecided = 0;
+    for (int64_t j0 = 0; j0 < m; j0 += block) {
+        int64_t w = j0 + block < m ? block : m - j0;
+        for (int32_t i = 0; i <= T; i++) {
+            x[i] = source_block(i, fd, off, ptr, j0, w, buf + i * block);
+            if (!x[i]) return -1;
+        }
+        vi gw = {0}, uw = {0};
+        int64_t j = 0;
+        for (; j + W <= w; j += W) mergew(T, x, j, lam, scaling, mean, out + j0, &gw, &uw);
+        for (; j < w; j++) undecided += merge1(T, x, j, lam, scaling, mean, out + j0, &gsum);
+        for (int k = 0; k < W; k++) {
+            gsum += gw[k];
+            undecided += uw[k];
+        }
+    }
+    *gamma_sum += gsum;
+    return undecided;
+}
