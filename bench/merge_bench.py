@@ -6,7 +6,9 @@ plain pass that reads every expert's weights once (the I/O floor of any merge):
 wall time, CPU time (all threads; steadier than wall time on a shared machine), peak RSS,
 the increase over an idle process, and that increase in units of one model's size — TIES
 must not hold a whole-model copy per expert. TIES runs in its default (reference) mode:
-two streamed passes over the experts (and θ0), read in cache-sized slices.
+two streamed passes over the experts (and θ0), read in cache-sized slices, in its fused C
+kernels (``ties``; the warm-up run compiles them if needed) and on its torch ops
+(``ties_torch``, ``MERGELAB_NATIVE=0``): the same bits either way.
 
 Every mode runs ``--repeat`` times (3), interleaved, after one warm-up run each; the table
 shows medians and the wall-time range.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -104,14 +107,20 @@ def _child(mode: str, root: str, n_experts: int) -> None:
                 total += float(sd[key].view(-1)[0])
     elif mode == "task_arithmetic":
         _merged = TaskArithmetic(0.3).merge(p, experts)  # kept alive: the output counts
-    elif mode == "ties":
+    elif mode in ("ties", "ties_torch"):
         _merged = Ties(k=0.2, scaling=0.3).merge(p, experts)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     extra = _status_kb("VmHWM") - rss0
-    print(json.dumps({"mode": mode, "wall_s": wall, "cpu_s": cpu, "extra_kb": extra}))
+    row = {"mode": mode, "wall_s": wall, "cpu_s": cpu, "extra_kb": extra}
+    if mode.startswith("ties"):
+        from mergelab.merge import native
+
+        row["fused"] = native.kernels() is not None
+    print(json.dumps(row))
 
 
 def measure(mode: str, root: Path, n_experts: int) -> dict:
+    env = {**os.environ, "MERGELAB_NATIVE": "0"} if mode == "ties_torch" else None
     r = subprocess.run(
         [
             sys.executable,
@@ -127,6 +136,7 @@ def measure(mode: str, root: Path, n_experts: int) -> dict:
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -138,7 +148,7 @@ def run_bench(root: Path, n_experts: int = 8, repeat: int = 3) -> dict:
     the ratios are medians over the runs of each run's own ratio to that run's plain read."""
     meta = make_checkpoints(root, n_experts)
     model_mb = meta["bytes"] / 2**20
-    modes = ("plain_read", "task_arithmetic", "ties")
+    modes = ("plain_read", "task_arithmetic", "ties", "ties_torch")
     for mode in modes:
         measure(mode, root, n_experts)  # warm the page cache so every mode reads from memory
     runs = {mode: [] for mode in modes}
@@ -168,6 +178,8 @@ def run_bench(root: Path, n_experts: int = 8, repeat: int = 3) -> dict:
             "time_ratio": round(median([m["wall_s"] / p["wall_s"] for m, p in zip(ms, plain)]), 2),
             "cpu_ratio": round(median([m["cpu_s"] / p["cpu_s"] for m, p in zip(ms, plain)]), 2),
         }
+        if "fused" in ms[0]:
+            res["rows"][mode]["fused"] = all(m["fused"] for m in ms)
     return res
 
 
@@ -188,7 +200,7 @@ def print_report(res: dict) -> None:
         t.add_column(c, justify="right")
     for mode, r in res["rows"].items():
         t.add_row(
-            mode,
+            mode + {True: " (fused)", False: " (torch ops)"}.get(r.get("fused"), ""),
             f"{r['wall_s']:.2f}",
             "{:.2f}–{:.2f}".format(*r["wall_range_s"]) if "wall_range_s" in r else "–",
             f"{r['time_ratio']:.2f}",

@@ -40,6 +40,13 @@ with non-zero trimmed entries (exact cancellation) are kept aside and finished a
 Peak memory: the output, the collected candidates (≈ 1% of each task's entries) and a few
 chunk buffers per thread; θ0 too when it is not lazy, and one parameter per expert read
 whole — independent of the number of experts beyond that parameter.
+
+Both passes run in fused C kernels where they can (:mod:`mergelab.merge.native`, compiled on
+first use): one call per chunk reads the float32 files itself and sweeps each cache-sized
+block once, with the same float32 operations in the same order as the torch ops described
+above — the same bits, ≈ 1.5× faster overall. The torch ops remain the reference and the
+fallback: no compiler, non-float32 sources, more than 17 experts (torch then sums in another
+order), the columns of torch's interleaved tail, a chunk with undecided columns, a short read.
 """
 
 from __future__ import annotations
@@ -170,11 +177,14 @@ class _Source:
 
     def spec(self, lo: int) -> tuple[int, int, int] | None:
         """This source from position ``lo`` on as the fused kernels take it (file descriptor,
-        byte offset, address); None unless float32 (a file, or contiguous memory)."""
+        byte offset, address); None unless float32 (a file, or contiguous CPU memory)."""
         if self.dtype != torch.float32:
             return None
         if self.tensor is not None:
-            return (-1, 0, self.tensor[lo:].data_ptr()) if self.tensor.is_contiguous() else None
+            v = self.tensor
+            return (
+                (-1, 0, v[lo:].data_ptr()) if v.is_contiguous() and v.device.type == "cpu" else None
+            )
         return self.fd, self.sd.data_offset(self.key) + 4 * lo, 0
 
     def tau(self, lo: int, hi: int, b: Tensor, out: Tensor, files: ChunkReader) -> Tensor:
