@@ -66,13 +66,15 @@ __attribute__((always_inline)) static inline int lanes(vi m) {
 }
 #endif
 
-__attribute__((always_inline)) static inline vf loadw(const float *p) {
+__attribute__((always_inline)) static inline vf load(const float *p) {
     vf v;
     __builtin_memcpy(&v, p, sizeof v);
     return v;
 }
 
-__attribute__((always_inline)) static inline vf maskedw(vf x, vi keep) { return (vf)((vi)x & keep); }
+__attribute__((always_inline)) static inline vf masked(vf x, vi keep) {
+    return (vf)((vi)x & keep);
+}
 
 /* Pass 1 for T tasks (sources 1..T; source 0 is θ0) on m entries: a = |θt − θ0|. Per task:
  * below[t] = how many a < lo[t]; the a with lo[t] <= a <= hi[t] are written, in order, to
@@ -98,7 +100,7 @@ int32_t ml_ties_count(int32_t T, const int32_t *fd, const int64_t *off,
             int64_t n = n_cand[t], j = 0;
             vi nb = {0}, bad = {0};
             for (; j + W <= w; j += W) {
-                vf a = (vf)((vi)(loadw(x + j) - loadw(b + j)) & magnitude);
+                vf a = (vf)((vi)(load(x + j) - load(b + j)) & magnitude);
                 nb += a < low; /* -1 per entry below */
                 bad |= ~(a <= biggest);
                 int hit = lanes((a >= low) & (a <= high));
@@ -128,28 +130,30 @@ int32_t ml_ties_count(int32_t T, const int32_t *fd, const int64_t *off,
     return 0;
 }
 
-/* Columns j .. j + 8 of pass 2 (see ml_ties_merge). Adds Σ sgn(s) to *gsum and the count of
- * undecided columns to *undecided. */
-__attribute__((always_inline)) static inline void mergew(int32_t T, const float *const *x, int64_t j, const float *lam,
-                          float scaling, int32_t mean, float *o, vi *gsum, vi *undecided) {
+/* Columns j .. j + W of pass 2 (see ml_ties_merge). Adds Σ sgn(s) to *gsum and the count of
+ * undecided columns to *undecided, per lane. */
+__attribute__((always_inline)) static inline void merge_lanes(int32_t T, const float *const *x,
+                                                             int64_t j, const float *lam,
+                                                             float scaling, int32_t mean,
+                                                             float *o, vi *gsum, vi *undecided) {
     const vi magnitude = (vi){0} + 0x7fffffff;
     const vf zero = (vf){0}, one = zero + 1.0f;
-    const vf b = loadw(x[0] + j);
+    const vf b = load(x[0] + j);
     vf s = zero;
     for (int32_t t = 0; t < T; t++) {
-        vf d = loadw(x[t + 1] + j) - b;
-        s += maskedw(d, (vf)((vi)d & magnitude) > lam[t]); /* torch.hardshrink */
+        vf d = load(x[t + 1] + j) - b;
+        s += masked(d, (vf)((vi)d & magnitude) > lam[t]); /* torch.hardshrink */
     }
     vi up = s > zero, down = s < zero, none = s == zero;
     *gsum += down - up; /* masks are -1: Σ sgn(s) */
-    vf g = (maskedw(one, up) - maskedw(one, down)) + maskedw(one, none);
+    vf g = (masked(one, up) - masked(one, down)) + masked(one, none);
     vf r = zero, c = zero;
     for (int32_t t = 0; t < T; t++) {
-        vf d = loadw(x[t + 1] + j) - b;
-        vf u = g * maskedw(d, (vf)((vi)d & magnitude) > lam[t]);
+        vf d = load(x[t + 1] + j) - b;
+        vf u = g * masked(d, (vf)((vi)d & magnitude) > lam[t]);
         vi pos = u > zero;
-        r += maskedw(u, pos); /* torch.relu */
-        c += maskedw(one, pos);
+        r += masked(u, pos); /* torch.relu */
+        c += masked(one, pos);
     }
     *undecided -= none & (r > zero);
     vf y = r * g;
@@ -162,9 +166,11 @@ __attribute__((always_inline)) static inline void mergew(int32_t T, const float 
     __builtin_memcpy(o + j, &y, sizeof y);
 }
 
-/* The same for one column (a slice's last m mod 8). */
-__attribute__((always_inline)) static inline int32_t merge1(int32_t T, const float *const *x, int64_t j, const float *lam,
-                             float scaling, int32_t mean, float *o, int64_t *gsum) {
+/* The same for one column (a block's last w mod W); returns whether it is undecided. */
+__attribute__((always_inline)) static inline int32_t merge_one(int32_t T, const float *const *x,
+                                                               int64_t j, const float *lam,
+                                                               float scaling, int32_t mean,
+                                                               float *o, int64_t *gsum) {
     const float b = x[0][j];
     float s = 0.0f;
     for (int32_t t = 0; t < T; t++) {
@@ -214,8 +220,8 @@ int64_t ml_ties_merge(int32_t T, const int32_t *fd, const int64_t *off,
         }
         vi gw = {0}, uw = {0};
         int64_t j = 0;
-        for (; j + W <= w; j += W) mergew(T, x, j, lam, scaling, mean, out + j0, &gw, &uw);
-        for (; j < w; j++) undecided += merge1(T, x, j, lam, scaling, mean, out + j0, &gsum);
+        for (; j + W <= w; j += W) merge_lanes(T, x, j, lam, scaling, mean, out + j0, &gw, &uw);
+        for (; j < w; j++) undecided += merge_one(T, x, j, lam, scaling, mean, out + j0, &gsum);
         for (int k = 0; k < W; k++) {
             gsum += gw[k];
             undecided += uw[k];

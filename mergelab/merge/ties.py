@@ -490,7 +490,8 @@ class _TiesRun:
 
     def _chunk(self, job: _Chunk, lo: int, hi: int, width: int):
         """Trim → elect (zero sums: +1 for now) → disjoint merge on columns lo..hi of one
-        parameter, with the reference's sums (same terms, same order of additions): five
+        parameter, with the reference's sums (same terms, same order of additions). One call
+        of the fused kernel where it applies (see the module docstring); otherwise five torch
         passes over the (T, m) block, in place, all with float outputs (torch's bool-valued
         ops are several times slower). Returns this chunk's Σ γ and its deferred columns."""
         T, m = len(self.tasks), hi - lo
