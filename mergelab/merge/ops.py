@@ -397,10 +397,16 @@ def _level_power(size: int) -> int:
     return max(4, math.ceil(math.log2(size)) // _LEVELS) if size > 1 else 4
 
 
+def _running_sum(n_rows: int) -> bool:
+    """Whether torch's cascade over ``n_rows`` rows is one block (+1 row: a + b = b + a), i.e.
+    a plain running sum ((0 + x0) + x1) + ..."""
+    return n_rows <= (1 << _level_power(n_rows)) + 1
+
+
 def _cascade(rows: list[Tensor], out: Tensor) -> Tensor:
     """Σ rows into ``out`` (same shape as one row) in the order of torch's cascaded sum."""
     step = 1 << _level_power(len(rows))
-    if len(rows) <= step + 1:  # one block (+1 row: a + b = b + a): a plain running sum
+    if _running_sum(len(rows)):
         out.zero_()
         for row in rows:
             out.add_(row)
@@ -491,7 +497,7 @@ def row_order_columns(rows: int, total: int) -> int:
     sums in plain row order, ((0 + x0) + x1) + ... — all before its interleaved tail when a
     cascade of ``rows`` is one block (rows ≤ 17), else none. Kernels that sum that way are
     bit-identical to :func:`column_sum` there."""
-    if rows > (1 << _level_power(rows)) + 1:
+    if not _running_sum(rows):
         return 0
     tail = sum_tail_width()
     return total - total % tail if tail else total
