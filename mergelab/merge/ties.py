@@ -374,7 +374,7 @@ class _TiesRun:
             fused = native.sources([base, *srcs], lo) if self.lib is not None else None
             if fused is not None:  # one call for the chunk, reads included
                 cand = files.buffer("cand", len(tasks) * m).view(len(tasks), m)
-                buf = files.buffer("fused", 2 * native.BLOCK)
+                buf = files.buffer("fused", (len(srcs) + 1) * native.BLOCK)
                 got = native.count(self.lib, fused, m, lows, highs, cand, buf)
                 if got is not None:
                     return [(below, inside.copy()) for below, inside in got]
