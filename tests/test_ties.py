@@ -271,18 +271,20 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
     monkeypatch.setattr(ties_module, "_CHUNK", 5 * 333)
     monkeypatch.setattr(ties_module, "_FILL_CHUNK", 777)
     monkeypatch.setattr(ops, "_PARTITION_BELOW", 100)
-    monkeypatch.setattr(ops, "_SAMPLE", 1000)
+    monkeypatch.setattr(ops, "_RUN_SAMPLE", 1000)
+    monkeypatch.setattr(ops, "_RUN", 10)
     bracket, count, brackets, counted = ops.bracket, ops.count_bracket, [], []
+    sampled = dict.fromkeys(e, 0)
 
     def spy_bracket(sample, r, size):
-        assert sample.size == 1000 and size == n
-        # the sample is |τ| at the sampled positions
+        assert sample.shape == (100, 10) and size == n
+        # the sample is |τ| at the sampled runs, one run per row (the tasks in any order)
         keys = sorted(p)  # the reference's flattening order
-        at = ops.sample_positions([p[k].numel() for k in keys])
-        task = list(e)[len(brackets) % len(e)]
-        tau = [(e[task][k] - p[k]).abs().reshape(-1) for k in keys]
-        want_sample = torch.cat([v[torch.from_numpy(i)] for v, i in zip(tau, at)])
-        assert torch.equal(torch.from_numpy(sample), want_sample)
+        at = ops.run_positions(ops.sample_runs([p[k].numel() for k in keys]))
+        for task in e:
+            tau = [(e[task][k] - p[k]).abs().reshape(-1) for k in keys]
+            want = torch.cat([v[torch.from_numpy(i)] for v, i in zip(tau, at)])
+            sampled[task] += torch.equal(torch.from_numpy(sample).reshape(-1), want)
         brackets.append(bracket(sample, r, size))
         return brackets[-1]
 
@@ -307,6 +309,7 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
     try:
         assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
         assert len(brackets) == 5 and all(lo < hi for lo, hi in brackets)
+        assert list(sampled.values()) == [1] * 5  # each task's own sample, once
         assert 0 < sum(c for *_, c in counted) < 5 * n / 4  # only the entries in the brackets
         monkeypatch.setattr(ops, "_BRACKET_SIGMAS", -10.0)  # an empty bracket: always misses
         counted.clear()
@@ -376,12 +379,14 @@ def test_truncated_expert_file_is_named(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lazy_theta0", [False, True])
 def test_reference_mode_is_bitwise_on_files_read_in_slices(
-    tmp_path, monkeypatch, dtype, lazy_theta0
+    tmp_path, monkeypatch, kernels, dtype, lazy_theta0
 ):
     """Experts (and θ0) as lazy safetensors files, read slice by slice into each chunk's
     memory (a float16 file through its own buffer), next to one expert in memory; many
     chunks in both passes, two threads, an empty tensor: bit for bit the reference on the
-    same weights."""
+    same weights. The bracket's sample, runs across tensor boundaries included, is |τ| at
+    the sampled runs whichever way it was read (float32 files by the kernels, a pread per
+    run; float16 files mapped; the expert in memory indexed)."""
     from mergelab.pool.state import LazyStateDict, save_state_dict
 
     p, e = random_pool(4, seed=13, shapes=((300, 17), (2000,), (4, 5, 6), (1,), (0, 3)))
@@ -408,8 +413,13 @@ def test_reference_mode_is_bitwise_on_files_read_in_slices(
         p = LazyStateDict(tmp_path / "p.safetensors")
     monkeypatch.setattr(ties_module, "_CHUNK", 4 * 171)
     monkeypatch.setattr(ties_module, "_FILL_CHUNK", 333)
-    monkeypatch.setattr(ops, "_PARTITION_BELOW", 100)  # sampled brackets: files mapped
-    monkeypatch.setattr(ops, "_SAMPLE", 500)
+    monkeypatch.setattr(ops, "_PARTITION_BELOW", 100)  # sampled brackets
+    monkeypatch.setattr(ops, "_RUN_SAMPLE", 3500)
+    monkeypatch.setattr(ops, "_RUN", 35)  # 100 runs of 35: some cross a tensor boundary
+    samples, gathered = [], []
+    bracket, gather = ops.bracket, native.gather
+    monkeypatch.setattr(ops, "bracket", lambda x, r, m: samples.append(x) or bracket(x, r, m))
+    monkeypatch.setattr(native, "gather", lambda *a: gathered.append(a) or gather(*a))
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -420,6 +430,20 @@ def test_reference_mode_is_bitwise_on_files_read_in_slices(
     assert_bitwise(got, want)
     for t in e:
         assert_bitwise(got_vec[t], want_vec[t])
+
+    keys = sorted(as32["t0"])  # the float keys, in the order the reference flattens them
+    runs = ops.sample_runs([as32["t0"][k].numel() for k in keys])
+    at = ops.run_positions(runs)
+    assert sum(c.sum() for _, c in runs) == 3500 and sum(len(st) for st, _ in runs) > 100
+    p32 = {k: p[k].float() for k in keys}
+    for i, t in enumerate(list(e) * 2):  # merge, then task vectors: a sample per task each
+        tau = [
+            (as32[t][k] - p32[k]).abs().reshape(-1)[torch.from_numpy(j)] for k, j in zip(keys, at)
+        ]
+        assert torch.equal(torch.from_numpy(samples[i]), torch.cat(tau).view(100, 35))
+    # float32 files are read by the kernels: the 3 lazy experts and a lazy θ0, twice
+    n_files = 3 + lazy_theta0 if dtype == torch.float32 and kernels == "fused" else 0
+    assert len(gathered) == 2 * n_files
 
 
 def test_lazy_read_into_reads_a_slice(tmp_path):
@@ -522,6 +546,63 @@ def test_kth_smallest_is_kthvalue(n, monkeypatch):
         assert all((i[:-1] <= i[1:]).all() and ((0 <= i) & (i < n - n // 2)).all() for i in at)
     with pytest.raises(ValueError):
         ops.kth_smallest(x, n + 1)
+
+
+def test_sample_runs_are_one_run_per_stratum_split_at_segment_ends(monkeypatch):
+    """A streamed pass 1 reads its sample as runs: C = total // length runs of ``length``
+    consecutive positions, run c inside stratum c of [0, n); per segment the pieces that
+    fall in it (a run across a segment end split in two), in order."""
+    monkeypatch.setattr(ops, "_PARTITION_BELOW", 10_000)
+    sizes = [5, 0, 300_000, 64, 0, 1, 200_000, 7, 130]
+    n, ends, crossing = sum(sizes), np.cumsum([0, *sizes]), 0
+    for seed in range(3):
+        runs = ops.sample_runs(sizes, seed, length=40, total=40 * 2000)
+        at = ops.run_positions(runs)
+        assert [st.size for st, _ in runs] == [c.size for _, c in runs]
+        for (st, c), pos, size in zip(runs, at, sizes):
+            assert ((0 <= st) & (st + c <= size)).all() and (c > 0).all()
+            assert (np.diff(pos) > 0).all() and pos.size == c.sum()
+        flat = np.concatenate([pos + ends[j] for j, pos in enumerate(at)]).reshape(2000, 40)
+        assert (np.diff(flat, axis=1) == 1).all()  # whole runs, in order
+        strata = np.arange(2001) * n // 2000
+        assert ((strata[:-1] <= flat[:, 0]) & (flat[:, -1] < strata[1:])).all()
+        crossing += sum(st.size for st, _ in runs) - 2000  # the extra pieces of split runs
+    assert crossing > 0
+    a, b = (ops.run_positions(ops.sample_runs(sizes, seed, 40, 80_000)) for seed in (0, 1))
+    assert not np.array_equal(a[2], b[2])  # the seed draws the runs
+    assert all(st.size == 0 for st, _ in ops.sample_runs([1000, 24], 0, 8, 512))  # small: none
+
+
+def test_bracket_of_runs_is_as_wide_as_their_likeness_needs(monkeypatch):
+    """Values in a run are alike (neighbours in a row, a tensor), so runs say less than as
+    many independent values. Here every block of 32 neighbours is equal: bracketing the
+    sample as independent values misses the order statistic often; the runs' own standard
+    error (neighbouring strata paired) widens the bracket so that it never does here. On
+    unrelated values the bracket stays near the binomial one."""
+    monkeypatch.setattr(ops, "_PARTITION_BELOW", 10_000)
+    rng = np.random.default_rng(0)
+    n = 1 << 18
+    clumped = np.repeat(rng.random(n // 32, dtype=np.float32), 32)
+    loose = rng.random(n, dtype=np.float32)
+    r = int(0.8 * n)
+    for x, like in ((clumped, True), (loose, False)):
+        want = float(np.partition(x, r - 1)[r - 1])
+        missed, naive_missed, widths = 0, 0, []
+        for seed in range(100):
+            pos = ops.run_positions(ops.sample_runs([n], seed, length=32, total=1 << 13))[0]
+            runs = x[pos].reshape(-1, 32)
+            lo, hi = ops.bracket(runs, r, n)
+            missed += not lo <= want <= hi
+            widths.append(((x >= lo) & (x <= hi)).mean())
+            lo, hi = ops.bracket(runs.reshape(-1), r, n)  # as if independent
+            naive_missed += not lo <= want <= hi
+            binomial = ((x >= lo) & (x <= hi)).mean()
+            assert widths[-1] >= binomial * 0.9  # never (much) narrower than the binomial
+        assert missed == 0
+        if like:
+            assert naive_missed > 10
+        else:
+            assert naive_missed == 0 and np.mean(widths) < 1.5 * binomial
 
 
 def test_column_sum_follows_torch_sum_order():

@@ -36,6 +36,16 @@ static const float *source_block(int32_t i, const int32_t *fd, const int64_t *of
     return buf;
 }
 
+/* Pass 1's sample: n runs of a float32 file, run i being count[i] entries from byte offset
+ * off[i], read one after another into out. Returns 0, or -1 on a failed or short read. */
+int32_t ml_gather(int32_t fd, int64_t n, const int64_t *off, const int64_t *count, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        if (!source_block(0, &fd, off + i, NULL, 0, count[i], out)) return -1;
+        out += count[i];
+    }
+    return 0;
+}
+
 /* The sweeps are written with GCC/clang vector extensions, W entries at a time (the
  * compilers' cost models leave these loops scalar otherwise): 16 with AVX-512, 8 with AVX
  * (built with -march=native, see native.py), else 4 (SSE2, NEON; 8 lanes there are split

@@ -1,4 +1,5 @@
-"""Fused C kernels for TIES' two streamed passes (``_ties_kernels.c``), compiled on first use.
+"""Fused C kernels for TIES' two streamed passes (``_ties_kernels.c``), compiled on first use;
+also the reads of pass 1's sample (one ``pread`` per run, :func:`gather`).
 
 The torch path does one op per sweep over a chunk (difference, |·|, compare, count, select,
 Σ, ...), each reading and writing the chunk again; the kernels read the files themselves and
@@ -126,6 +127,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.ml_ties_count.argtypes = [_i32, _p, _p, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64]
     lib.ml_ties_merge.restype = _i64
     lib.ml_ties_merge.argtypes = [_i32, _p, _p, _p, _i64, _p, _f32, _i32, _p, _p, _p, _i64]
+    lib.ml_gather.restype = _i32
+    lib.ml_gather.argtypes = [_i32, _i64, _p, _p, _p]
     return lib
 
 
@@ -154,6 +157,16 @@ def sources(items, lo: int) -> Sources | None:
     from position ``lo`` on; None when one of them cannot be read by the kernels."""
     specs = [item.spec(lo) for item in items]
     return None if any(spec is None for spec in specs) else Sources(specs)
+
+
+def gather(lib, fd: int, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """Runs of a float32 file read one after another (run i: ``counts[i]`` entries from
+    byte ``offsets[i]``), with one ``pread`` each; None on a failed or short read."""
+    offsets = np.ascontiguousarray(offsets, np.int64)
+    counts = np.ascontiguousarray(counts, np.int64)
+    out = np.empty(int(counts.sum()), np.float32)
+    rc = lib.ml_gather(fd, counts.size, offsets.ctypes.data, counts.ctypes.data, out.ctypes.data)
+    return None if rc else out
 
 
 def count(lib, src: Sources, m: int, lo: np.ndarray, hi: np.ndarray, cand: Tensor, buf: Tensor):

@@ -116,6 +116,8 @@ def prefetched(items: Iterable[_T], depth: int = 1) -> Iterator[_T]:
 
 _PARTITION_BELOW = 1 << 20  # below this many values a plain introselect is the fastest
 _SAMPLE = 1 << 18  # sample size for the bracket around the wanted rank
+_RUN = 32  # consecutive values per run of a sample read from files (sample_runs)
+_RUN_SAMPLE = 1 << 18  # values in such a sample
 _BRACKET_SIGMAS = 5.0  # bracket half-width in standard deviations of the sample quantile
 _COUNT_CHUNK = 1 << 18  # values per step of the counting pass (stays in cache)
 
@@ -133,6 +135,66 @@ def sample_positions(sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:
     starts = np.cumsum([0, *sizes])
     cut = np.searchsorted(idx, starts)
     return [idx[cut[j] : cut[j + 1]] - starts[j] for j in range(len(sizes))]
+
+
+def sample_runs(
+    sizes: Sequence[int], seed: int = 0, length: int | None = None, total: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A stratified sample of runs of consecutive positions from segments of these sizes, for
+    a caller that reads the values from files: one read per run instead of a page touched
+    per value (a uniform sample of 2^18 of ViT-B/32's 88M values touches every 64 KiB of
+    every file). The flat range [0, n) is cut into C = ``total // length`` strata of
+    near-equal size, and one run of ``length`` positions is drawn uniformly within each
+    (defaults :data:`_RUN`, :data:`_RUN_SAMPLE`). Per segment, the pieces of runs that fall
+    in it, as (starts within the segment, lengths), in order; a run that crosses a segment
+    boundary is split. The values at the pieces, segment after segment, are the C runs one
+    after another: reshaped to (C, length), what :func:`bracket` takes. Empty below
+    :data:`_PARTITION_BELOW` values in all."""
+    length = _RUN if length is None else int(length)
+    total = _RUN_SAMPLE if total is None else int(total)
+    n = sum(sizes)
+    n_runs = min(total, n) // length
+    if n <= _PARTITION_BELOW or n_runs == 0:
+        return [(np.empty(0, np.int64), np.empty(0, np.int64)) for _ in sizes]
+    rng = np.random.default_rng(seed)
+    strata = (np.arange(n_runs + 1, dtype=np.int64) * n) // n_runs  # each ≥ length long
+    begin = strata[:-1] + rng.integers(0, strata[1:] - strata[:-1] - length + 1)
+    bounds = np.cumsum([0, *sizes], dtype=np.int64)
+    first = np.searchsorted(bounds, begin, side="right") - 1  # the segment holding a run's start
+    last = np.searchsorted(bounds, begin + length - 1, side="right") - 1
+    seg, at, count = (
+        [first[first == last]],
+        [begin[first == last]],
+        [np.full((first == last).sum(), length)],
+    )
+    for b, j0, j1 in zip(begin[first != last], first[first != last], last[first != last]):
+        for j in range(j0, j1 + 1):  # the few runs across a boundary: a piece per segment
+            lo, hi = max(b, bounds[j]), min(b + length, bounds[j + 1])
+            if hi > lo:
+                seg.append(np.array([j]))
+                at.append(np.array([lo]))
+                count.append(np.array([hi - lo]))
+    seg, at, count = np.concatenate(seg), np.concatenate(at), np.concatenate(count)
+    order = np.argsort(at, kind="stable")  # flat order (pieces never overlap)
+    seg, at, count = seg[order], at[order], count[order]
+    cut = np.searchsorted(seg, np.arange(len(sizes) + 1))
+    return [
+        (at[cut[j] : cut[j + 1]] - bounds[j], count[cut[j] : cut[j + 1]].astype(np.int64))
+        for j in range(len(sizes))
+    ]
+
+
+def run_positions(runs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """The positions of :func:`sample_runs`' pieces, per segment, in order."""
+    out = []
+    for starts, lengths in runs:
+        if not starts.size:
+            out.append(np.empty(0, np.int64))
+            continue
+        # each piece's start repeated over its length, plus 0, 1, ... within the piece
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out.append(np.repeat(starts, lengths) + within)
+    return out
 
 
 def kth_smallest(
@@ -189,18 +251,59 @@ def kth_smallest(
 
 def bracket(sample: np.ndarray, r: int, n: int) -> tuple[float, float]:
     """Values ``(lo, hi)`` that hold the ``r``-th smallest of ``n`` values between them (with
-    probability ≈ 1 − 1e-6), from a uniform ``sample`` of those values: the sample's order
-    statistics ±:data:`_BRACKET_SIGMAS` standard deviations around rank r/n. An end beyond
-    the sample is ∓inf; an empty sample gives (−inf, inf)."""
-    s = sample.size
+    probability ≈ 1 − 1e-6), from a sample of those values: the sample's order statistics
+    ±:data:`_BRACKET_SIGMAS` standard errors around rank r/n. An end beyond the sample is
+    ∓inf; an empty sample gives (−inf, inf).
+
+    ``sample`` is a uniform sample (1-D: the binomial standard error), or the C runs of a
+    stratified sample of runs (2-D, one run per row: :func:`sample_runs`). Neighbouring
+    values of a model are alike (the same row, the same tensor), so a run's values say less
+    than as many independent ones: the standard error of the fraction of the sample below a
+    value v is estimated from the runs themselves — with yc the fraction of run c below v,
+    Var ≈ Σ over pairs of neighbouring strata (y2i − y2i+1)² / C² (the collapsed-strata
+    estimator, conservative) — at the bracket's ends, and the bracket is widened until it
+    is at least ±5 of those on both sides (never narrower than the binomial)."""
+    runs = sample if sample.ndim == 2 else sample.reshape(-1, 1)
+    part = runs.reshape(-1)
+    s = part.size
+    if s == 0:
+        return -math.inf, math.inf
     p = r / n
-    half = _BRACKET_SIGMAS * math.sqrt(s * p * (1 - p)) + 2
-    lo_i, hi_i = int(math.floor(p * s - half)), int(math.ceil(p * s + half))
-    picks = [i for i in (lo_i, hi_i) if 0 <= i < s]
-    part = np.partition(sample, picks) if picks else sample
-    lo = float(part[lo_i]) if 0 <= lo_i < s else -math.inf
-    hi = float(part[hi_i]) if 0 <= hi_i < s else math.inf
+    se = math.sqrt(p * (1 - p) / s)  # in fractions of the sample
+    if runs.shape[1] > 1:  # runs: their own standard error at the sample's quantile, +10 %
+        mid = min(s - 1, int(p * s))
+        part = np.partition(part, mid)
+        se = max(se, 1.1 * _run_se(runs, float(part[mid])))
+    for _ in range(4):
+        half = _BRACKET_SIGMAS * s * se + 2
+        lo_i, hi_i = int(math.floor(p * s - half)), int(math.ceil(p * s + half))
+        picks = [i for i in (lo_i, hi_i) if 0 <= i < s]
+        part = np.partition(part, picks) if picks else part
+        lo = float(part[lo_i]) if 0 <= lo_i < s else -math.inf
+        hi = float(part[hi_i]) if 0 <= hi_i < s else math.inf
+        if runs.shape[1] == 1:
+            break  # independent values: the binomial is exact
+        wider = max(_run_se(runs, v) for v in (lo, hi))  # at the ends themselves
+        if wider <= se:
+            break
+        se = wider
     return lo, hi
+
+
+def _run_se(runs: np.ndarray, v: float) -> float:
+    """The standard error of the fraction of a stratified sample of runs (rows of ``runs``,
+    one per stratum, strata in order) below ``v``: the collapsed-strata estimator over
+    pairs of neighbouring strata; 0 for an infinite ``v``."""
+    if not math.isfinite(v):
+        return 0.0
+    y = (runs < v).mean(axis=1)
+    pairs = y.size // 2
+    if pairs == 0:
+        return 0.0
+    d = y[0 : 2 * pairs : 2] - y[1 : 2 * pairs : 2]
+    # Σ (ya − yb)² estimates Var(ya + yb); a run left over counts as half an average pair
+    var_sum = float(np.dot(d, d)) * (y.size / (2 * pairs))
+    return math.sqrt(var_sum) / y.size
 
 
 def count_bracket(x: np.ndarray, lo: float, hi: float, lt: np.ndarray, inside: np.ndarray):

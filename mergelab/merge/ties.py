@@ -22,24 +22,26 @@ task_vectors ``ImageEncoder`` checkpoints: 25,599,489 for ViT-B/32 and B/16, 38,
 ViT-L/14. They change d and therefore the trim threshold (effective density ≈ 0.26 on the
 visual weights for k = 0.2).
 
-Streaming, two reads of every expert. Pass 1 finds every task's threshold exactly in one
-read: a sparse sample of each |τt| (its pages only, from the mapped files) brackets the wanted
-order statistic; one streamed pass then reads θ0 and all experts chunk by chunk on the
-worker threads, each chunk differenced, made absolute, checked for non-finite values and,
-per task, counted below its bracket with the few values inside it collected; a selection
-among those gives the threshold (a bracket that misses, probability ≈ 1e-6, is recounted
-with the whole range: the answer is always exact). Pass 2 visits one parameter at a time and
-works through it in chunks of all T experts: trim (hardshrink at the float32 just below the
-threshold), Σ τ̂ in torch's own summation order, elect, Σ of the entries agreeing with γ
-(as γ·Σ relu(γ·τ̂), exact) and the output — five passes over the chunk. Lazy state dicts
-(:class:`~mergelab.pool.LazyStateDict`) are read in slices straight into each chunk's
-memory, θ0 included: no tensor is copied whole, no fresh pages are touched per read (global
-scope; per-tensor thresholds need each tensor whole, so that scope reads them whole). The
-model-wide majority sign is only known after pass 2, so the rare coordinates where γ = 0
-with non-zero trimmed entries (exact cancellation) are kept aside and finished at the end.
-Peak memory: the output, the collected candidates (≈ 1% of each task's entries) and a few
-chunk buffers per thread; θ0 too when it is not lazy, and one parameter per expert read
-whole — independent of the number of experts beyond that parameter.
+Streaming, two reads of every expert. Pass 1 finds every task's threshold exactly in one read:
+a sample of each |τt| brackets the wanted order statistic — a stratified sample of runs (2^13
+runs of 32 consecutive entries, one ``pread`` per run: a uniform sample of 2^18 single entries
+would touch every page of every file), its bracket as wide as the runs' own spread requires
+(:func:`ops.bracket`); one streamed pass then reads θ0 and all experts chunk by chunk on the
+worker threads, each chunk differenced, made absolute, checked for non-finite values and, per
+task, counted below its bracket with the few values inside it collected; a selection among
+those gives the threshold (a bracket that misses, probability ≈ 1e-6, is recounted with the
+whole range: the answer is always exact). Pass 2 visits one parameter at a time and works
+through it in chunks of all T experts: trim (hardshrink at the float32 just below the
+threshold), Σ τ̂ in torch's own summation order, elect, Σ of the entries agreeing with γ (as
+γ·Σ relu(γ·τ̂), exact) and the output — five passes over the chunk. Lazy state dicts
+(:class:`~mergelab.pool.LazyStateDict`) are read in slices straight into each chunk's memory,
+θ0 included: no tensor is copied whole, no fresh pages are touched per read (global scope;
+per-tensor thresholds need each tensor whole, so that scope reads them whole). The model-wide
+majority sign is only known after pass 2, so the rare coordinates where γ = 0 with non-zero
+trimmed entries (exact cancellation) are kept aside and finished at the end. Peak memory: the
+output, the collected candidates (≈ 1–2 % of each task's entries) and a few chunk buffers per
+thread; θ0 too when it is not lazy, and one parameter per expert read whole — independent of
+the number of experts beyond that parameter.
 
 Both passes run in fused C kernels where they can (:mod:`mergelab.merge.native`, compiled on
 first use): one call per chunk reads the float32 files itself and sweeps each cache-sized
@@ -299,7 +301,7 @@ class _TiesRun:
 
     def _pass1(self) -> None:
         """Every task's trim threshold, exactly, from one streamed read of every expert (and
-        of θ0): a sparse sample of each |τt| brackets its order statistic, one counting pass
+        of θ0): a sample of runs of each |τt| brackets its order statistic, one counting pass
         over all tasks at once counts the entries below each bracket and collects those
         inside, and a selection among the few collected gives the threshold. A task whose
         bracket misses (probability ≈ 1e-6; never silently) is counted again with the whole
@@ -313,8 +315,11 @@ class _TiesRun:
             self.thresholds = dict.fromkeys(self.tasks, known)
             return
         n = sum(sizes)
-        samples = self._sample(ops.sample_positions(sizes))
-        brackets = {t: ops.bracket(samples[t], r, n) for t in self.tasks}
+        samples = self._sample(ops.sample_runs(sizes), ops._RUN)
+        with ThreadPoolExecutor(self.workers) as pool:  # numpy's partition releases the GIL
+            brackets = dict(
+                zip(self.tasks, pool.map(lambda t: ops.bracket(samples[t], r, n), self.tasks))
+            )
         self.thresholds = {}
         while brackets:
             below, found = self._count(brackets)
@@ -328,13 +333,32 @@ class _TiesRun:
             # a bracket that missed: everything is a candidate in the recount
             brackets = dict.fromkeys(missed, (-math.inf, math.inf))
 
-    def _sample(self, positions: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Per task, |θt − θ0| at ``positions`` (per float key, sorted flat positions) as
-        one float32 array; lazy files are mapped, only the sampled pages touched (and let go of)."""
-        if not sum(pos.size for pos in positions):
-            return {t: np.empty(0, np.float32) for t in self.tasks}
+    def _sample(
+        self, runs: list[tuple[np.ndarray, np.ndarray]], length: int
+    ) -> dict[str, np.ndarray]:
+        """Per task, |θt − θ0| at the sampled ``runs`` (:func:`ops.sample_runs`: per float
+        key, the pieces of runs of ``length`` in it) as a (runs, length) float32 array.
+        Float32 files are read by the kernels, one ``pread`` per run; other files are mapped
+        and only the sampled pages touched (and let go of); in-memory tensors are indexed."""
+        if not sum(starts.size for starts, _ in runs):
+            return {t: np.empty((0, length), np.float32) for t in self.tasks}
+        positions = ops.run_positions(runs)  # for the sources read by position
 
         def gather(sd) -> Tensor:
+            fd = self._fd(sd)  # a lazy state dict's file, else None
+            if (
+                self.lib is not None
+                and fd is not None
+                and all(sd.dtype(key) == torch.float32 for key in self.float_keys)
+            ):
+                offsets = [
+                    sd.data_offset(key) + 4 * st for key, (st, _) in zip(self.float_keys, runs)
+                ]
+                got = native.gather(
+                    self.lib, fd, np.concatenate(offsets), np.concatenate([c for _, c in runs])
+                )
+                if got is not None:  # else a short read: the count pass names the file
+                    return torch.from_numpy(got)
             parts = []
             if isinstance(sd, LazyStateDict):
                 with (
@@ -352,7 +376,8 @@ class _TiesRun:
             base = pool.submit(gather, self.pretrained)
             vals = {t: pool.submit(gather, self.experts[t]) for t in self.tasks}
             b = base.result()
-            return {t: (v.result() - b).abs_().numpy() for t, v in vals.items()}
+            # the pieces of a run split across keys follow each other: one row per run
+            return {t: (v.result() - b).abs_().numpy().reshape(-1, length) for t, v in vals.items()}
 
     def _count(
         self, brackets: dict[str, tuple[float, float]]
