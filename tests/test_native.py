@@ -101,3 +101,13 @@ def test_native_off_by_environment(fresh, monkeypatch):
     monkeypatch.setenv("MERGELAB_NATIVE", "0")
     assert native.kernels() is None
     assert not fresh.exists()  # nothing was built
+
+
+def test_kernel_blocks_of_all_sources_stay_within_the_cache_budget():
+    """θ0 and T experts are read block by block; however many experts, the blocks of all
+    sources together stay at 9 × BLOCK floats (what 8 experts use), so they stay in L2."""
+    assert native.block(9) == native.BLOCK
+    for n_sources in (2, 9, 10, 19, 100, 1000):
+        assert 1 <= native.block(n_sources) <= native.BLOCK
+        assert native.buffer_size(n_sources) <= 9 * native.BLOCK
+    assert native.block(19) < native.BLOCK  # 18 experts: smaller blocks

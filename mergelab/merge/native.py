@@ -132,7 +132,19 @@ def kernels() -> ctypes.CDLL | None:
     return lib
 
 
-BLOCK = 1 << 14  # entries per source read and swept at a time (T + 1 of them stay in L2)
+BLOCK = 1 << 14  # entries per source read and swept at a time, for 8 experts (see block)
+
+
+def block(n_sources: int) -> int:
+    """Entries per source and block for θ0 and T experts (``n_sources`` = T + 1): the
+    blocks of all sources together stay at 9 × :data:`BLOCK` floats (576 KiB, within L2),
+    however many experts there are."""
+    return max(1, min(BLOCK, 9 * BLOCK // max(1, n_sources)))
+
+
+def buffer_size(n_sources: int) -> int:
+    """Floats of the ``buf`` a kernel call needs."""
+    return n_sources * block(n_sources)
 
 
 class Sources:
@@ -185,7 +197,7 @@ def count(lib, src: Sources, m: int, lo: np.ndarray, hi: np.ndarray, cand: Tenso
         cand.shape[1],
         n.ctypes.data,
         buf.data_ptr(),
-        BLOCK,
+        block(len(src.fd)),
     )
     if rc:
         return None
@@ -209,6 +221,6 @@ def merge(
         out.data_ptr(),
         ctypes.byref(gamma),
         buf.data_ptr(),
-        BLOCK,
+        block(len(src.fd)),
     )
     return None if undecided < 0 else (int(gamma.value), int(undecided))

@@ -399,7 +399,7 @@ class _TiesRun:
             fused = native.sources([base, *srcs], lo) if self.lib is not None else None
             if fused is not None:  # one call for the chunk, reads included
                 cand = files.buffer("cand", len(tasks) * m).view(len(tasks), m)
-                buf = files.buffer("fused", (len(srcs) + 1) * native.BLOCK)
+                buf = files.buffer("fused", native.buffer_size(len(srcs) + 1))
                 got = native.count(self.lib, fused, m, lows, highs, cand, buf)
                 if got is not None:
                     return [(below, inside.copy()) for below, inside in got]
@@ -525,7 +525,7 @@ class _TiesRun:
         fused = self.lib is not None and job.res is not None and column + m <= self.fused_until
         src = native.sources([job.base, *job.srcs], lo) if fused else None
         if src is not None:  # one call for the chunk, reads included
-            buf = files.buffer("fused", (T + 1) * native.BLOCK)
+            buf = files.buffer("fused", native.buffer_size(T + 1))
             mean = job.reduce == "mean"
             got = native.merge(self.lib, src, m, job.shrink, job.scaling, mean, job.res[lo:hi], buf)
             if got is not None and (self.mode != "reference" or not got[1]):
