@@ -162,19 +162,16 @@ def sample_runs(
     bounds = np.cumsum([0, *sizes], dtype=np.int64)
     first = np.searchsorted(bounds, begin, side="right") - 1  # the segment holding a run's start
     last = np.searchsorted(bounds, begin + length - 1, side="right") - 1
-    seg, at, count = (
-        [first[first == last]],
-        [begin[first == last]],
-        [np.full((first == last).sum(), length)],
-    )
-    for b, j0, j1 in zip(begin[first != last], first[first != last], last[first != last]):
-        for j in range(j0, j1 + 1):  # the few runs across a boundary: a piece per segment
-            lo, hi = max(b, bounds[j]), min(b + length, bounds[j + 1])
-            if hi > lo:
-                seg.append(np.array([j]))
-                at.append(np.array([lo]))
-                count.append(np.array([hi - lo]))
-    seg, at, count = np.concatenate(seg), np.concatenate(at), np.concatenate(count)
+    whole = first == last
+    split = [  # the few runs across a boundary: a piece per segment they reach into
+        (j, max(b, bounds[j]), min(b + length, bounds[j + 1]) - max(b, bounds[j]))
+        for b, j0, j1 in zip(begin[~whole], first[~whole], last[~whole])
+        for j in range(j0, j1 + 1)
+    ]
+    split = np.array([piece for piece in split if piece[2] > 0], np.int64).reshape(-1, 3)
+    seg = np.concatenate([first[whole], split[:, 0]])
+    at = np.concatenate([begin[whole], split[:, 1]])
+    count = np.concatenate([np.full(whole.sum(), length), split[:, 2]])
     order = np.argsort(at, kind="stable")  # flat order (pieces never overlap)
     seg, at, count = seg[order], at[order], count[order]
     cut = np.searchsorted(seg, np.arange(len(sizes) + 1))

@@ -91,7 +91,7 @@ class LazyStateDict(Mapping[str, Tensor]):
             return out
         # numpy has no bfloat16: its bytes as int16 (a view; the shorter way when it can)
         buf = memoryview((out.view(torch.int16) if out.dtype == torch.bfloat16 else out).numpy())
-        at = self._offset + info["data_offsets"][0] + start * out.element_size()
+        at = self.data_offset(key) + start * out.element_size()
         if fd is None or not hasattr(os, "preadv"):  # (no preadv: Windows, some macOS)
             with open(self.path, "rb") as f:
                 f.seek(at)
