@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -274,17 +275,20 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
     monkeypatch.setattr(ops, "_RUN_SAMPLE", 1000)
     monkeypatch.setattr(ops, "_RUN", 10)
     bracket, count, brackets, counted = ops.bracket, ops.count_bracket, [], []
-    sampled = dict.fromkeys(e, 0)
+    sampled = []  # per bracket, the tasks whose |τ| it was given (appended: thread-safe)
 
     def spy_bracket(sample, r, size):
         assert sample.shape == (100, 10) and size == n
         # the sample is |τ| at the sampled runs, one run per row (the tasks in any order)
         keys = sorted(p)  # the reference's flattening order
         at = ops.run_positions(ops.sample_runs([p[k].numel() for k in keys]))
+        matches = []
         for task in e:
             tau = [(e[task][k] - p[k]).abs().reshape(-1) for k in keys]
             want = torch.cat([v[torch.from_numpy(i)] for v, i in zip(tau, at)])
-            sampled[task] += torch.equal(torch.from_numpy(sample).reshape(-1), want)
+            if torch.equal(torch.from_numpy(sample).reshape(-1), want):
+                matches.append(task)
+        sampled.append(matches)
         brackets.append(bracket(sample, r, size))
         return brackets[-1]
 
@@ -309,7 +313,7 @@ def test_reference_mode_is_bitwise_in_chunks_threads_and_sampled_selection(monke
     try:
         assert_bitwise(Ties(k=0.2, scaling=0.7).merge(p, e), want)
         assert len(brackets) == 5 and all(lo < hi for lo, hi in brackets)
-        assert list(sampled.values()) == [1] * 5  # each task's own sample, once
+        assert sorted(t for m in sampled for t in m) == sorted(e)  # each task's sample, once
         assert 0 < sum(c for *_, c in counted) < 5 * n / 4  # only the entries in the brackets
         monkeypatch.setattr(ops, "_BRACKET_SIGMAS", -10.0)  # an empty bracket: always misses
         counted.clear()
@@ -331,15 +335,18 @@ def test_fused_kernels_do_the_work_and_hand_back_what_they_cannot(tmp_path, monk
 
     calls = {"count": 0, "merge": 0, "undecided": 0}
     count, merge = native.count, native.merge
+    lock = threading.Lock()  # the spies run on the worker threads: += is not atomic
 
     def spy_count(*args):
-        calls["count"] += 1
+        with lock:
+            calls["count"] += 1
         return count(*args)
 
     def spy_merge(*args):
         got = merge(*args)
-        calls["merge"] += 1
-        calls["undecided"] += bool(got and got[1])
+        with lock:
+            calls["merge"] += 1
+            calls["undecided"] += bool(got and got[1])
         return got
 
     monkeypatch.setattr(native, "count", spy_count)
@@ -436,11 +443,17 @@ def test_reference_mode_is_bitwise_on_files_read_in_slices(
     at = ops.run_positions(runs)
     assert sum(c.sum() for _, c in runs) == 3500 and sum(len(st) for st, _ in runs) > 100
     p32 = {k: p[k].float() for k in keys}
-    for i, t in enumerate(list(e) * 2):  # merge, then task vectors: a sample per task each
-        tau = [
-            (as32[t][k] - p32[k]).abs().reshape(-1)[torch.from_numpy(j)] for k, j in zip(keys, at)
-        ]
-        assert torch.equal(torch.from_numpy(samples[i]), torch.cat(tau).view(100, 35))
+    want = {  # per task, |τ| at the runs, one run per row
+        t: torch.cat(
+            [(as32[t][k] - p32[k]).abs().reshape(-1)[torch.from_numpy(j)] for k, j in zip(keys, at)]
+        ).view(100, 35)
+        for t in e
+    }
+    # merge, then task vectors: a sample per task each (the brackets run on worker threads,
+    # so in any order)
+    assert len(samples) == 2 * len(e)
+    matched = [[t for t in e if torch.equal(torch.from_numpy(x), want[t])] for x in samples]
+    assert sorted(t for m in matched for t in m) == sorted(list(e) * 2)
     # float32 files are read by the kernels: the 3 lazy experts and a lazy θ0, twice
     n_files = 3 + lazy_theta0 if dtype == torch.float32 and kernels == "fused" else 0
     assert len(gathered) == 2 * n_files
